@@ -1,0 +1,321 @@
+"""optimize(): validation at the boundary, then the pipeline
+
+    load/validate -> prepare -> statistics once -> study (resume) -> trials -> select -> deliver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+import optuna
+from onnx import numpy_helper
+from optuna.trial import TrialState
+
+from . import stats as stats_mod
+from ._io import atomic_copy, atomic_write, atomic_write_json, sha256_bytes, sha256_file
+from .build import RangeCache
+from .data import CalibrationSource
+from .encodings import write_encodings
+from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, TrialFailed)
+from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
+from .objective import Objective, Scoring, check_metric
+from .report import save_csv, trials_frame
+from .result import OptimizeResult
+from .select import SELECT_MODES, rank
+from .sensitivity import measure_sensitivity, rank_nodes
+from .space import SearchSpace
+from .study import count, create_or_load, open_storage, recover_stale_trials
+
+_log = logging.getLogger("autoquant")
+DELIVERED_MODEL = "quantized.onnx"
+DELIVERED_ENCODINGS = "quantized.encodings.json"
+
+
+def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
+                select, output_dir) -> None:
+    if not callable(eval_callback):
+        raise ConfigError(f"eval_callback must be a callable f(model_path: str) -> float, got {type(eval_callback).__name__}")
+    if isinstance(allowed_accuracy_drop, bool) or not isinstance(allowed_accuracy_drop, numbers.Real) \
+            or not math.isfinite(allowed_accuracy_drop) or allowed_accuracy_drop < 0:
+        raise ConfigError(f"allowed_accuracy_drop must be a finite number >= 0, got {allowed_accuracy_drop!r}")
+    if drop_type not in ("absolute", "relative"):
+        raise ConfigError(f"drop_type must be 'absolute' or 'relative', got {drop_type!r}")
+    if not isinstance(higher_is_better, bool):
+        raise ConfigError(f"higher_is_better must be True or False, got {higher_is_better!r}")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, numbers.Integral) or n_trials < 1:
+        raise ConfigError(f"n_trials must be an integer >= 1 (the total number of trials), got {n_trials!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ConfigError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if select not in SELECT_MODES:
+        raise ConfigError(f"select must be one of {list(SELECT_MODES)}, got {select!r}")
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise ConfigError(f"output_dir must be a path, got {type(output_dir).__name__}")
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Fail early, before any work, if output_dir cannot hold our files."""
+    probe = output_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputDirError(f"output_dir {output_dir} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputDirError(f"output_dir {output_dir} is not writable ({probe}); choose a writable directory")
+    if output_dir.exists():
+        try:
+            with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".autoquant-probe-"):
+                pass
+        except OSError as exc:
+            raise OutputDirError(f"output_dir {output_dir} is not writable: {exc}") from None
+
+
+def _study_name(model_sha: str, space: SearchSpace, drop: float, drop_type: str, higher: bool) -> str:
+    h = sha256_bytes(f"{model_sha}|{space.fingerprint()}|{drop!r}|{drop_type}|{higher}".encode())
+    return f"autoquant-{h[:12]}"
+
+
+def _prepare(proto: onnx.ModelProto, model_sha: str, cache_dir: Path, work: Path) -> PreparedModel:
+    """Prepared model from the cache, or prepared now into ``work`` (moved to the cache by the caller)."""
+    cached, meta = cache_dir / f"prepared-{model_sha[:16]}.onnx", cache_dir / f"prepared-{model_sha[:16]}.json"
+    if cached.exists() and meta.exists():
+        m = json.loads(meta.read_text())
+        if sha256_file(cached) == m["sha256"]:
+            specs = {k: (v[0], tuple(v[1])) for k, v in m["input_specs"].items()}
+            return PreparedModel(cached, m["sha256"], specs, m["steps"] + ["(loaded from cache)"])
+    named = onnx.ModelProto()
+    named.CopyFrom(proto)
+    steps = []
+    if (n := ensure_node_names(named)):
+        steps.append(f"named {n} unnamed nodes")
+    prepared = prepare_model(named, work / cached.name)
+    p = prepared.load()
+    if ensure_node_names(p):  # optimisation may create unnamed nodes
+        atomic_write(prepared.path, lambda tmp: onnx.save(p, tmp))
+        prepared.sha256 = sha256_file(prepared.path)
+    prepared.steps = steps + prepared.steps
+    atomic_write_json(work / meta.name, {"sha256": prepared.sha256, "steps": prepared.steps,
+                                         "input_specs": {k: [v[0], list(v[1])] for k, v in prepared.input_specs.items()}})
+    return prepared
+
+
+def _statistics(prepared: PreparedModel, source: CalibrationSource, cache_dir: Path, work: Path, progress: bool):
+    """Statistics from the cache when the data fingerprint matches, else one collection pass."""
+    if source.reiterable:
+        data_sha = source.fingerprint()
+        key = stats_mod.stats_key(prepared.sha256, data_sha)
+        cached = cache_dir / f"stats-{key}.npz"
+        if cached.exists():
+            try:
+                return stats_mod.Statistics.load(cached)
+            except Exception:  # unreadable / old cache: collect again
+                _log.warning("statistics cache %s unreadable; collecting again", cached)
+    from tqdm.auto import tqdm
+
+    proto = prepared.load()
+    with tqdm(desc="calibration statistics", unit="feed", disable=not progress, leave=False) as bar:
+        st, _ = stats_mod.collect_statistics(proto, float_activation_tensors(proto), source, prepared.sha256,
+                                             progress=bar)
+    st.save(work / f"stats-{st.key}.npz")
+    return st
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration_data: Iterable[dict[str, np.ndarray]] | Callable[[], Iterable[dict[str, np.ndarray]]],
+    eval_callback: Callable[[str], float],
+    allowed_accuracy_drop: float = 0.01,
+    drop_type: str = "absolute",
+    higher_is_better: bool = True,
+    search_space: str | os.PathLike | dict | SearchSpace = "default",
+    n_trials: int = 50,
+    timeout: float | None = None,
+    seed: int = 0,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    output_dir: str | os.PathLike = "autoquant_out",
+    select: str = "smallest",
+    show_progress: bool = True,
+) -> OptimizeResult:
+    """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
+
+    Returns an :class:`OptimizeResult`; never None. When no trial is feasible the most accurate
+    trial is delivered with ``feasible=False`` and a warning. Raises an ``AutoQuantError`` subclass
+    for bad input, with a message that says what to fix.
+    """
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar and warnings replace its INFO lines
+    try:
+        return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
+                         search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
+              search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
+              show_progress) -> OptimizeResult:
+    t_start = time.perf_counter()
+    _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
+                select, output_dir)
+    space = SearchSpace.load(search_space)
+    proto = load_model(model)
+    model_bytes = proto.SerializeToString()
+    model_sha = sha256_bytes(model_bytes)
+    out = Path(output_dir)
+    _check_output_dir(out)
+    user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
+    cache_dir = out / "cache"
+
+    # Preparation and statistics are staged in a temp dir and moved in only once complete, so an
+    # input error (bad feed #37, ...) leaves nothing behind in output_dir.
+    with tempfile.TemporaryDirectory(prefix="autoquant-stage-") as stage:
+        work = Path(stage)
+        prepared = _prepare(proto, model_sha, cache_dir, work)
+        source = CalibrationSource(calibration_data, prepared.input_specs)
+        statistics = _statistics(prepared, source, cache_dir, work, show_progress)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for f in work.iterdir():
+            os.replace(f, cache_dir / f.name) if not (cache_dir / f.name).exists() else None
+    if prepared.path.parent != cache_dir:
+        prepared.path = cache_dir / prepared.path.name
+    fp32_path = Path(model) if not isinstance(model, onnx.ModelProto) else cache_dir / f"fp32-{model_sha[:16]}.onnx"
+    if isinstance(model, onnx.ModelProto) and not fp32_path.exists():
+        atomic_write(fp32_path, lambda tmp: onnx.save(model, tmp))
+
+    storage_obj = user_storage or open_storage(None, out)
+    name = study_name or _study_name(model_sha, space, float(allowed_accuracy_drop), drop_type, higher_is_better)
+    study = create_or_load(storage_obj, name, higher_is_better, int(seed), int(n_trials))
+    attrs = study.user_attrs
+    if attrs.get("model_sha256") not in (None, model_sha):
+        raise OutputDirError(f"study {name!r} in this storage belongs to another model; pass another study_name "
+                             f"or output_dir")
+    eval_calls = 0
+    if "baseline_accuracy" not in attrs:
+        try:
+            baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
+        except TrialFailed as exc:
+            raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
+        except Exception as exc:
+            raise ConfigError(f"eval_callback raised {type(exc).__name__}: {exc} on the fp32 model {fp32_path}; "
+                              "fix the callback (it scores the fp32 model first)") from exc
+        eval_calls += 1
+        if drop_type == "relative" and baseline == 0:
+            raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")
+        for k, v in {
+            "baseline_accuracy": baseline, "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
+            "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
+            "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics.key,
+            "prepared_model": str(prepared.path), "preparation": prepared.steps, "seed": int(seed),
+        }.items():
+            study.set_user_attr(k, v)
+    baseline = float(study.user_attrs["baseline_accuracy"])
+    atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
+                                               else (None if storage is None else type(storage).__name__)})
+
+    # Fallback ranking: measured once per study (cached on disk) when the space can use it.
+    fallback_order: list[str] = []
+    fb = space.domains.get("fallback_k")
+    if fb is not None and ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
+        sqnr = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
+        fallback_order = rank_nodes(sqnr)
+
+    recover_stale_trials(study)
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
+
+    float_inits = {t.name: numpy_helper.to_array(t) for t in prepared.load().graph.initializer}
+    scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
+    objective = Objective(space=space, ranges=RangeCache(statistics), prepared=prepared.path,
+                          fallback_order=fallback_order, float_inits=float_inits, eval_callback=eval_callback,
+                          scoring=scoring, output_dir=out)
+    _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
+    result = _deliver(study, out, select, higher_is_better, scoring)
+    result.eval_calls = eval_calls + objective.eval_calls
+    return result
+
+
+def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
+                progress: bool) -> None:
+    """Run until the study holds n_trials COMPLETE trials, the timeout passes, or too many trials fail."""
+    from tqdm.auto import tqdm
+
+    done = count(study, TrialState.COMPLETE)
+    failures_allowed = max(3, n_trials)  # a callback that always fails must not loop forever
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in the report, not logged
+    try:
+        with tqdm(total=n_trials, initial=done, desc="autoquant trials", unit="trial", disable=not progress) as bar:
+            while done < n_trials and failures_allowed > 0:
+                remaining_time = None if timeout is None else timeout - (time.perf_counter() - t_start)
+                if remaining_time is not None and remaining_time <= 0:
+                    break
+                study.optimize(objective, n_trials=1, timeout=remaining_time, catch=(TrialFailed,))
+                now = count(study, TrialState.COMPLETE)
+                if now == done:
+                    failures_allowed -= 1
+                bar.update(now - done)
+                done = now
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool, scoring: Scoring) -> OptimizeResult:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        reasons = sorted({t.user_attrs.get("fail_reason", t.system_attrs.get("fail_reason", "unknown"))
+                          for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))})
+        raise NoCompletedTrialError(
+            f"no trial of study {study.study_name!r} completed, so there is no model to deliver. Reasons: "
+            + "; ".join(reasons[:5])
+        )
+    chosen = None
+    for t in rank(complete, select, higher_is_better):
+        src = out / t.user_attrs["model_file"]
+        if src.exists() and sha256_file(src) == t.user_attrs["sha256"]:
+            chosen = t
+            break
+        _log.warning("trial %d's model file %s is missing or changed; it cannot be delivered", t.number, src)
+    if chosen is None:
+        raise NoCompletedTrialError("every completed trial's model file is missing or modified; rerun the study")
+    a = chosen.user_attrs
+    model_path = atomic_copy(out / a["model_file"], out / DELIVERED_MODEL)
+    if sha256_file(model_path) != a["sha256"]:  # the delivered file is the scored file, byte for byte
+        raise AutoQuantError("delivered model differs from the scored trial file (disk error?)")
+    enc_path = write_encodings(model_path, out / DELIVERED_ENCODINGS)
+    if not a["feasible"]:
+        warnings.warn(
+            f"no trial met allowed_accuracy_drop={scoring.allowed_drop} ({scoring.drop_type}); delivering the most "
+            f"accurate trial {chosen.number} (drop {a['drop']:.4g}) with feasible=False",
+            UserWarning, stacklevel=3,
+        )
+    result = OptimizeResult(
+        model_path=str(model_path), accuracy=float(a["accuracy"]), baseline_accuracy=scoring.baseline,
+        drop=float(a["drop"]), feasible=bool(a["feasible"]), trial_number=chosen.number, config=dict(a["config"]),
+        encodings_path=str(enc_path), size_bytes=int(a["size_bytes"]),
+        fp32_size_bytes=int(study.user_attrs["fp32_size_bytes"]), study=study, output_dir=str(out),
+        higher_is_better=higher_is_better, float_nodes=list(a.get("float_nodes", [])),
+    )
+    save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
+    atomic_write_json(out / "result.json", {
+        "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS, "sha256": a["sha256"],
+        "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy, "drop": result.drop,
+        "feasible": result.feasible, "trial_number": result.trial_number, "config": result.config,
+        "size_bytes": result.size_bytes, "fp32_size_bytes": result.fp32_size_bytes, "study_name": study.study_name,
+    })
+    return result

@@ -1,0 +1,149 @@
+"""One trial's config + cached statistics -> a QDQ model, built by ONNX Runtime's quantizer.
+
+Per-trial ranges go to ``quantize_static`` through its calibration cache (so no calibration inference
+runs), bit widths / symmetry / granularity through its arguments, float fallback through
+``nodes_to_exclude``. Only what ORT lacks is done here: ties-away-from-zero rounding of weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+from ._io import atomic_write
+from .observers import make_observer
+from .qtypes import ONNX_INT_TYPES, quant_type, weight_quant_type
+from .stats import Statistics
+
+ROUNDING_MODES = ("nearest_even", "nearest_away")
+
+
+@dataclass
+class BuildInfo:
+    path: Path
+    n_qdq_nodes: int
+    float_nodes: list[str] = field(default_factory=list)
+    reround_changed: int = 0  # weight integers that ties-away rounding changed vs ORT's ties-to-even
+
+
+class RangeCache:
+    """Activation ranges per (method, params, bits, symmetric), derived once from the statistics."""
+
+    def __init__(self, stats: Statistics):
+        self.stats = stats
+        self._cache: dict[tuple, dict[str, tuple[float, float]]] = {}
+
+    def ranges(self, config: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        observer = make_observer(config["calibration"], config.get("percentile"))
+        key = observer.cache_key() + (config["activation_bits"], config["activation_symmetric"])
+        if key not in self._cache:
+            bits, sym = config["activation_bits"], config["activation_symmetric"]
+            self._cache[key] = {name: observer.range(st, bits, sym) for name, st in self.stats.tensors.items()}
+        return self._cache[key]
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def requantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None, qmin: int, qmax: int,
+               mode: str) -> np.ndarray:
+    """Integer weights for ``w`` on the given grid with the given rounding (ORT's formula otherwise)."""
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * w.ndim
+        shape[axis if axis is not None else 1] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    x = w.astype(np.float32) / scale.astype(np.float32)
+    r = np.round(x) if mode == "nearest_even" else round_half_away(x)
+    return np.clip(r + zp.astype(np.float32), qmin, qmax)
+
+
+def apply_weight_rounding(qdq: onnx.ModelProto, float_inits: dict[str, np.ndarray], mode: str) -> int:
+    """Rewrite quantized weight initializers with ``mode`` rounding. Returns how many integers changed.
+
+    ORT quantizes with numpy's round (ties to even) and has no option for other rounding, so the
+    integer weights it wrote are recomputed here from the float weights, with its own scales.
+    """
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {mode!r}; choose one of {ROUNDING_MODES}")
+    inits = {t.name: t for t in qdq.graph.initializer}
+    changed = 0
+    for node in qdq.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        qname = node.input[0]
+        base = qname[: -len("_quantized")] if qname.endswith("_quantized") else None
+        if base not in float_inits or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        qtensor = inits[qname]
+        if qtensor.data_type not in ONNX_INT_TYPES or ONNX_INT_TYPES[qtensor.data_type][0] > 16:
+            continue  # int32 biases stay as ORT computed them
+        bits, signed = ONNX_INT_TYPES[qtensor.data_type]
+        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.int32)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        old = numpy_helper.to_array(qtensor)
+        new = requantize(float_inits[base], scale, zp, axis, qmin, qmax, mode).astype(old.dtype)
+        changed += int(np.count_nonzero(new.astype(np.int32) != old.astype(np.int32)))
+        qtensor.CopyFrom(numpy_helper.from_array(new, qname))
+    return changed
+
+
+def build_qdq_model(
+    prepared_path: Path,
+    ranges: dict[str, tuple[float, float]],
+    config: dict[str, Any],
+    out_path: Path,
+    fallback_nodes: list[str] = (),
+    float_inits: dict[str, np.ndarray] | None = None,
+    nodes_to_quantize: list[str] | None = None,
+) -> BuildInfo:
+    """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically."""
+    tensors = TensorsData(
+        CalibrationMethod.MinMax,
+        {n: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32)) for n, (lo, hi) in ranges.items()},
+    )
+    wsym, asym = bool(config["weight_symmetric"]), bool(config["activation_symmetric"])
+    extra = {
+        "ActivationSymmetric": asym,
+        "WeightSymmetric": wsym,
+        "ForceQuantizeNoInputCheck": False,
+    }
+    quiet = logging.getLogger()
+    level = quiet.level
+    with tempfile.TemporaryDirectory(prefix="autoquant-build-") as tmp:
+        cache = Path(tmp, "ranges.json")
+        save_tensors_data(tensors, cache)
+        raw = Path(tmp, "qdq.onnx")
+        quiet.setLevel(logging.ERROR)  # ORT logs a pre-processing hint on every call
+        try:
+            quantize_static(
+                str(prepared_path), str(raw), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                per_channel=config["weight_granularity"] == "per_channel",
+                activation_type=quant_type(config["activation_bits"], asym),
+                weight_type=weight_quant_type(config["weight_bits"], wsym),
+                nodes_to_exclude=list(fallback_nodes), nodes_to_quantize=nodes_to_quantize,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options=extra, calibration_cache_path=str(cache),
+            )
+        finally:
+            quiet.setLevel(level)
+        model = onnx.load(str(raw))
+    changed = 0
+    if config["weight_rounding"] != "nearest_even":
+        if float_inits is None:
+            float_inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(prepared_path)).graph.initializer}
+        changed = apply_weight_rounding(model, float_inits, config["weight_rounding"])
+    atomic_write(out_path, lambda p: onnx.save(model, p))
+    n_qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    return BuildInfo(out_path, n_qdq, list(fallback_nodes), changed)

@@ -1,0 +1,181 @@
+"""Loading, validating, hashing and preparing the float model.
+
+Preparation is kept small in this module: opset upgrade to >= 13 (per-channel QDQ needs it), ONNX Runtime's
+own ``quant_pre_process`` (symbolic shape inference + graph optimisation, e.g. BatchNorm folded into Conv),
+and a record of every step so the user can see what was changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ._io import atomic_write, sha256_bytes
+from .errors import ModelError
+
+MIN_OPSET = 13
+
+#: ops whose quantization changes arithmetic (fallback / sensitivity candidates). Pure data movement
+#: (Reshape, Transpose, MaxPool, ...) and removable activations (Relu, Clip) follow their producer.
+COMPUTE_OPS = frozenset(
+    {
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
+        "GlobalAveragePool", "Softmax", "Sigmoid", "LeakyRelu", "Resize", "LayerNormalization",
+        "InstanceNormalization", "BatchNormalization", "Where",
+    }
+)
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedModel:
+    """The float model the search works on, plus what preparation did to it."""
+
+    path: Path
+    sha256: str
+    input_specs: dict[str, tuple[int, tuple]]  # name -> (elem_type, shape with None for dynamic dims)
+    steps: list[str] = field(default_factory=list)
+
+    def load(self) -> onnx.ModelProto:
+        return onnx.load(str(self.path))
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Load and check a model; every failure becomes a ModelError that says what to fix."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+        where = "the ModelProto passed as `model`"
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        where = str(path)
+        if not path.exists():
+            raise ModelError(f"model file {path} does not exist: pass the path of a float .onnx model")
+        if not path.is_file():
+            raise ModelError(f"model path {path} is not a file: pass the path of a float .onnx model")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:  # protobuf DecodeError, external-data errors, ...
+            raise ModelError(
+                f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+                "check that the file is a complete .onnx export"
+            ) from None
+    else:
+        raise ModelError(f"`model` must be a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}")
+    if not proto.graph.node:
+        raise ModelError(f"{where} has an empty graph (no nodes): it is not a model that can be quantized")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(f"{where} fails onnx.checker ({exc}); fix the export before quantizing") from None
+    return proto
+
+
+def model_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def input_specs(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+    """Graph inputs that are fed at run time (initializers excluded), with dtype and shape."""
+    inits = {i.name for i in proto.graph.initializer}
+    specs = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        specs[vi.name] = (tt.elem_type, dims)
+    return specs
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+
+
+def prepare_model(proto: onnx.ModelProto, out_path: Path) -> PreparedModel:
+    """Write the prepared float model to ``out_path`` and return what was done."""
+    steps: list[str] = []
+    opset = model_opset(proto)
+    if opset < MIN_OPSET:
+        try:
+            proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
+            steps.append(f"opset upgraded {opset} -> {MIN_OPSET}")
+        except Exception as exc:
+            raise ModelError(f"model opset {opset} < {MIN_OPSET} and the upgrade failed ({exc})") from None
+    with tempfile.TemporaryDirectory(prefix="autoquant-prep-") as tmp:
+        src, dst = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
+        onnx.save(proto, str(src))
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            prepared = onnx.load(str(dst))
+            onnx.checker.check_model(prepared)
+            steps.append("onnxruntime quant_pre_process (shape inference + graph optimisation)")
+        except Exception as exc:  # fall back to plain ONNX shape inference: still quantizable
+            _log.warning("quant_pre_process failed (%s); using ONNX shape inference only", exc)
+            prepared = onnx.shape_inference.infer_shapes(proto)
+            steps.append(f"onnx shape inference (quant_pre_process failed: {type(exc).__name__})")
+    _save(prepared, out_path)
+    data = out_path.read_bytes()
+    return PreparedModel(out_path, sha256_bytes(data), input_specs(prepared), steps)
+
+
+def compute_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of nodes whose quantization changes arithmetic: the candidates for float fallback."""
+    return [n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS and n.name]
+
+
+def float_activation_tensors(proto: onnx.ModelProto) -> list[str]:
+    """Every float tensor produced at run time (graph inputs and node outputs) in graph order."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    inits = {i.name for i in proto.graph.initializer}
+    names: list[str] = []
+    seen: set[str] = set()
+    candidates = [vi.name for vi in proto.graph.input] + [o for n in proto.graph.node for o in n.output]
+    for name in candidates:
+        if name and name not in inits and name not in seen and types.get(name) in FLOAT_TYPES:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def ensure_node_names(proto: onnx.ModelProto) -> int:
+    """Give unnamed nodes a stable name (fallback and reports refer to nodes by name)."""
+    used = {n.name for n in proto.graph.node if n.name}
+    fixed = 0
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+            fixed += 1
+    return fixed
+
+
+NP_OF_ONNX = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.BOOL: np.bool_,
+}

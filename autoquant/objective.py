@@ -1,0 +1,126 @@
+"""One trial: config -> ranges -> QDQ model -> the user's eval on that exact file -> stored attributes."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+import onnxruntime as ort
+
+from ._io import sha256_file
+from .build import RangeCache, build_qdq_model
+from .errors import TrialFailed
+from .space import SearchSpace
+from .study import OWNER_ATTR, owner_id
+
+
+def check_metric(value: Any, what: str) -> float:
+    """The callback's return value as a finite float, or TrialFailed saying what was wrong."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TrialFailed(f"{what} returned {type(value).__name__} {value!r:.80}; it must return one finite number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise TrialFailed(f"{what} returned {value}; it must return a finite number")
+    return value
+
+
+@dataclass
+class Scoring:
+    baseline: float
+    allowed_drop: float
+    drop_type: str  # "absolute" | "relative"
+    higher_is_better: bool
+
+    def drop(self, accuracy: float) -> float:
+        d = (self.baseline - accuracy) if self.higher_is_better else (accuracy - self.baseline)
+        return d / abs(self.baseline) if self.drop_type == "relative" else d
+
+    def feasible(self, accuracy: float) -> bool:
+        return self.drop(accuracy) <= self.allowed_drop + 1e-12
+
+
+def config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+class Objective:
+    """The callable handed to ``study.optimize``. Returns (accuracy, model bytes)."""
+
+    def __init__(self, *, space: SearchSpace, ranges: RangeCache, prepared: Path, fallback_order: list[str],
+                 float_inits: dict, eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path):
+        self.space, self.ranges, self.prepared = space, ranges, prepared
+        self.fallback_order, self.float_inits = fallback_order, float_inits
+        self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
+        self.trial_dir = output_dir / "trials"
+        self.eval_calls = 0
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr(OWNER_ATTR, owner_id())
+        t0 = time.perf_counter()
+        path = self.trial_dir / f"trial_{trial.number:05d}.onnx"
+        try:
+            return self._run(trial, path, t0)
+        except TrialFailed as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            path.unlink(missing_ok=True)
+            raise
+
+    def _run(self, trial: optuna.Trial, path: Path, t0: float) -> tuple[float, float]:
+        config = self.space.suggest(trial, len(self.fallback_order))
+        fallback = self.fallback_order[: config["fallback_k"]]
+        trial.set_user_attr("config", config)
+        try:
+            info = build_qdq_model(self.prepared, self.ranges.ranges(config), config, path, fallback, self.float_inits)
+        except Exception as exc:
+            raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
+        try:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
+        sha, size = sha256_file(path), path.stat().st_size
+        t_build = time.perf_counter() - t0
+        reused = self._identical_completed_trial(trial, sha)
+        t1 = time.perf_counter()
+        if reused is not None:  # byte-identical file already scored: its score is this file's score
+            accuracy = float(reused.user_attrs["accuracy"])
+            trial.set_user_attr("reused_from", reused.number)
+        else:
+            self.eval_calls += 1
+            try:
+                value = self.eval_callback(str(path))
+            except Exception as exc:
+                raise TrialFailed(f"eval_callback raised {type(exc).__name__}: {exc}") from None
+            accuracy = check_metric(value, "eval_callback")
+            if not path.exists() or sha256_file(path) != sha:
+                raise TrialFailed("eval_callback modified or removed the model file it was given; it must only read it")
+        t_eval = time.perf_counter() - t1
+        drop = self.scoring.drop(accuracy)
+        feasible = self.scoring.feasible(accuracy)
+        attrs = {
+            "accuracy": accuracy, "drop": drop, "feasible": feasible, "size_bytes": size, "sha256": sha,
+            "model_file": str(path.relative_to(self.output_dir)), "float_nodes": fallback,
+            "build_seconds": t_build, "eval_seconds": t_eval, "reround_changed": info.reround_changed,
+            "config_key": config_key(config),
+        }
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        trial.set_constraint("accuracy_drop", drop - self.scoring.allowed_drop)
+        trial.set_user_attr("overhead_seconds", time.perf_counter() - t0 - t_eval)
+        return accuracy, float(size)
+
+    def _identical_completed_trial(self, trial: optuna.Trial, sha: str):
+        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("sha256") == sha and "reused_from" not in t.user_attrs:
+                return t
+        return None

@@ -1,0 +1,57 @@
+"""Trials -> a pandas DataFrame (one row per trial, knob columns + metrics) and CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from .select import pareto_front
+from .space import KNOBS
+
+METRICS = ["accuracy", "drop", "feasible", "size_bytes", "size_ratio", "n_float_nodes", "eval_seconds",
+           "overhead_seconds"]
+
+
+def pareto_trials(study: optuna.Study, higher_is_better: bool) -> list[optuna.trial.FrozenTrial]:
+    front = study.best_trials  # Optuna's Pareto front of feasible trials
+    if front:
+        return front
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return pareto_front(complete, higher_is_better) if complete else []
+
+
+def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better: bool = True) -> pd.DataFrame:
+    fp32_size = study.user_attrs.get("fp32_size_bytes")
+    front = {t.number for t in pareto_trials(study, higher_is_better)}
+    trials = study.get_trials(deepcopy=False) if all_trials else [
+        t for t in study.get_trials(deepcopy=False) if t.number in front
+    ]
+    rows = []
+    for t in trials:
+        a = t.user_attrs
+        row = {"trial": t.number, "state": t.state.name, "pareto": t.number in front}
+        row.update({k: a.get("config", {}).get(k, t.params.get(k)) for k in KNOBS})
+        row.update({
+            "accuracy": a.get("accuracy"), "drop": a.get("drop"), "feasible": a.get("feasible"),
+            "size_bytes": a.get("size_bytes"),
+            "size_ratio": (a["size_bytes"] / fp32_size) if fp32_size and "size_bytes" in a else None,
+            "n_float_nodes": len(a["float_nodes"]) if "float_nodes" in a else None,
+            "eval_seconds": a.get("eval_seconds"), "overhead_seconds": a.get("overhead_seconds"),
+            "reused_from": a.get("reused_from"), "model_file": a.get("model_file"),
+            "fail_reason": a.get("fail_reason"),
+        })
+        rows.append(row)
+    cols = ["trial", "state", "pareto", *KNOBS, *METRICS, "reused_from", "model_file", "fail_reason"]
+    df = pd.DataFrame(rows, columns=cols)
+    if not all_trials and len(df):
+        df = df.sort_values(["size_bytes", "accuracy"], ascending=[True, not higher_is_better]).reset_index(drop=True)
+    return df
+
+
+def save_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    from ._io import atomic_write
+
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))

@@ -1,0 +1,47 @@
+"""What optimize() returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from .report import save_csv, trials_frame
+
+
+@dataclass
+class OptimizeResult:
+    model_path: str  # the delivered QDQ model (a byte copy of the chosen trial's file)
+    accuracy: float  # eval_callback's score of exactly that file
+    baseline_accuracy: float  # fp32 score, measured once per study
+    drop: float
+    feasible: bool
+    trial_number: int
+    config: dict[str, Any]
+    encodings_path: str
+    size_bytes: int
+    fp32_size_bytes: int
+    study: optuna.Study = field(repr=False)
+    output_dir: str = ""
+    higher_is_better: bool = True
+    eval_calls: int = 0  # calls of eval_callback made by this optimize() call (baseline included)
+    float_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes / self.fp32_size_bytes
+
+    def report(self, all_trials: bool = False) -> pd.DataFrame:
+        """Pareto-optimal trials (accuracy vs model size), or every trial with ``all_trials=True``."""
+        return trials_frame(self.study, all_trials=all_trials, higher_is_better=self.higher_is_better)
+
+    def save_report(self, path: str | Path, all_trials: bool = True) -> Path:
+        return save_csv(self.report(all_trials=all_trials), path)
+
+    def summary(self) -> str:
+        state = "feasible" if self.feasible else "NOT feasible"
+        return (f"trial {self.trial_number} ({state}): accuracy {self.accuracy:.4f} vs fp32 {self.baseline_accuracy:.4f}"
+                f" (drop {self.drop:.4f}), size {self.size_bytes} B = {self.size_ratio:.2f}x fp32 -> {self.model_path}")

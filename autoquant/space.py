@@ -1,0 +1,202 @@
+"""Search-space files (YAML / JSON / dict) -> validated knobs -> Optuna suggestions.
+
+One trial = one full quantization config: a dict with a value for every knob in KNOBS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from .errors import SearchSpaceError
+from .observers import OBSERVERS
+
+
+@dataclass(frozen=True)
+class Knob:
+    kind: str  # "choice" | "int" | "float"
+    default: Any
+    allowed: tuple | None = None  # for "choice"
+    bounds: tuple | None = None  # inclusive (low, high) limits a range may use
+    doc: str = ""
+
+
+KNOBS: dict[str, Knob] = {
+    "calibration": Knob("choice", "minmax", tuple(OBSERVERS), doc="activation range method"),
+    "percentile": Knob("float", 99.999, bounds=(90.0, 100.0), doc="percentile of |x| (calibration=percentile)"),
+    "weight_granularity": Knob("choice", "per_tensor", ("per_tensor", "per_channel")),
+    "weight_symmetric": Knob("choice", True, (True, False)),
+    "activation_symmetric": Knob("choice", False, (True, False)),
+    "weight_bits": Knob("choice", 8, (4, 8, 16)),
+    "activation_bits": Knob("choice", 8, (8, 16)),
+    "weight_rounding": Knob("choice", "nearest_even", ("nearest_even", "nearest_away")),
+    "fallback_k": Knob("int", 0, bounds=(0, 1000), doc="k most sensitive compute nodes kept in float"),
+}
+TOP_LEVEL_KEYS = {"name", "description", "knobs"}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a space does with one knob: fixed value, choices, or a numeric range."""
+
+    values: tuple | None = None  # choices (a single one means fixed)
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.values is not None and len(self.values) == 1 or (self.low is not None and self.low == self.high)
+
+    def to_json(self) -> Any:
+        return list(self.values) if self.values is not None else {"low": self.low, "high": self.high}
+
+
+def _err(name: str, msg: str) -> SearchSpaceError:
+    return SearchSpaceError(f"search space {name}: {msg}")
+
+
+def _domain(space_name: str, key: str, spec: Any) -> Domain:
+    knob = KNOBS[key]
+    if isinstance(spec, dict):
+        if set(spec) - {"low", "high"} or not {"low", "high"} <= set(spec):
+            raise _err(space_name, f"knob {key!r}: a range is written {{low: L, high: H}}, got {spec}")
+        if knob.kind == "choice":
+            raise _err(space_name, f"knob {key!r} takes a value or a list from {list(knob.allowed)}, not a range")
+        low, high = spec["low"], spec["high"]
+        for v in (low, high):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _err(space_name, f"knob {key!r}: range bounds must be finite numbers, got {spec}")
+        if knob.kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise _err(space_name, f"knob {key!r} is an integer knob; bounds must be integers, got {spec}")
+        if not knob.bounds[0] <= low <= high <= knob.bounds[1]:
+            raise _err(space_name, f"knob {key!r}: need {knob.bounds[0]} <= low <= high <= {knob.bounds[1]}, got {spec}")
+        cast = int if knob.kind == "int" else float
+        return Domain(low=cast(low), high=cast(high))
+    values = spec if isinstance(spec, list) else [spec]
+    if not values:
+        raise _err(space_name, f"knob {key!r} has an empty list; give at least one value or drop the knob")
+    out = []
+    for v in values:
+        if knob.kind == "choice":
+            if v not in knob.allowed or isinstance(v, bool) != isinstance(knob.allowed[0], bool):
+                raise _err(space_name, f"knob {key!r}: value {v!r} is not allowed; allowed values: {list(knob.allowed)}")
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not knob.bounds[0] <= v <= knob.bounds[1]:
+                raise _err(space_name, f"knob {key!r}: value {v!r} must be a number in [{knob.bounds[0]}, {knob.bounds[1]}]")
+            if knob.kind == "int" and not float(v).is_integer():
+                raise _err(space_name, f"knob {key!r}: value {v!r} must be an integer")
+            v = int(v) if knob.kind == "int" else float(v)
+        if v in out:
+            raise _err(space_name, f"knob {key!r}: value {v!r} is listed twice")
+        out.append(v)
+    return Domain(values=tuple(out))
+
+
+class SearchSpace:
+    """A validated space. ``suggest(trial)`` returns a full config; dropped knobs take their default."""
+
+    def __init__(self, spec: dict, name: str = "<dict>"):
+        if not isinstance(spec, dict):
+            raise _err(name, f"must be a mapping with a 'knobs' section, got {type(spec).__name__}")
+        unknown = set(spec) - TOP_LEVEL_KEYS
+        if unknown:
+            raise _err(name, f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL_KEYS)}")
+        knobs = spec.get("knobs")
+        if not isinstance(knobs, dict):
+            raise _err(name, "needs a 'knobs' mapping of knob name -> value, list of values, or {low, high}")
+        bad = sorted(set(knobs) - set(KNOBS))
+        if bad:
+            raise _err(name, f"unknown knob(s) {bad}; known knobs: {sorted(KNOBS)}")
+        self.name = str(spec.get("name", name))
+        self.domains: dict[str, Domain] = {k: _domain(name, k, v) for k, v in knobs.items()}
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, space: "str | Path | dict | SearchSpace") -> "SearchSpace":
+        if isinstance(space, SearchSpace):
+            return space
+        if isinstance(space, dict):
+            return cls(space)
+        if not isinstance(space, (str, Path)):
+            raise SearchSpaceError(
+                f"search_space must be a preset name, a path to a .yaml/.json file or a dict, got {type(space).__name__}"
+            )
+        path = Path(space)
+        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+            if not path.is_file():
+                raise SearchSpaceError(f"search space file {path} does not exist")
+            return cls(_parse(path.read_text(), str(path)), str(path))
+        name = str(space)
+        available = preset_names()
+        if name not in available:
+            raise SearchSpaceError(f"unknown search space {name!r}; presets: {available}, or pass a file path or dict")
+        text = resources.files("autoquant.search_spaces").joinpath(f"{name}.yaml").read_text()
+        return cls(_parse(text, name), name)
+
+    # -- Optuna ------------------------------------------------------------------------------
+    def suggest(self, trial: optuna.Trial, n_fallback_nodes: int) -> dict[str, Any]:
+        config: dict[str, Any] = {}
+        for key, knob in KNOBS.items():
+            if key == "percentile" and config["calibration"] != "percentile":
+                config[key] = None
+                continue
+            dom = self.domains.get(key)
+            if dom is None:
+                config[key] = knob.default
+            elif dom.fixed:
+                config[key] = dom.values[0] if dom.values is not None else dom.low
+            elif dom.values is not None:
+                config[key] = trial.suggest_categorical(key, list(dom.values))
+            elif knob.kind == "int":
+                high = min(int(dom.high), n_fallback_nodes) if key == "fallback_k" else int(dom.high)
+                config[key] = trial.suggest_int(key, int(dom.low), max(int(dom.low), high))
+            else:
+                config[key] = trial.suggest_float(key, dom.low, dom.high)
+        return config
+
+    def baseline_params(self) -> dict[str, Any]:
+        """Optuna params of ORT's defaults (minmax, per-tensor, 8/8, no fallback) projected into this space."""
+        params: dict[str, Any] = {}
+        calibration = KNOBS["calibration"].default
+        for key, knob in KNOBS.items():
+            dom = self.domains.get(key)
+            if dom is None or dom.fixed:
+                if key == "calibration":
+                    calibration = dom.values[0] if dom else knob.default
+                continue
+            if key == "percentile" and calibration != "percentile":
+                continue
+            if dom.values is not None:
+                value = knob.default if knob.default in dom.values else dom.values[0]
+            else:
+                value = min(max(knob.default, dom.low), dom.high)
+            params[key] = value
+            if key == "calibration":
+                calibration = value
+        return params
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "knobs": {k: d.to_json() for k, d in sorted(self.domains.items())}}
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_json()["knobs"], sort_keys=True)
+
+
+def _parse(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SearchSpaceError(f"search space {where} is not valid YAML/JSON: {exc}") from None
+    return data
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("autoquant.search_spaces")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))

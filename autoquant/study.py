@@ -1,0 +1,97 @@
+"""The Optuna study: storage, creation / resume, crash recovery, the enqueued baseline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import TrialState
+
+from .errors import StorageError
+
+OWNER_ATTR = "owner"
+_log = logging.getLogger("autoquant")
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_storage(storage: str | BaseStorage | None, output_dir: Path) -> BaseStorage:
+    """The user's storage (URL or object), or SQLite at output_dir/study.db."""
+    if isinstance(storage, BaseStorage):
+        return storage
+    if storage is None:
+        url = f"sqlite:///{(output_dir / 'study.db').resolve()}"
+    elif isinstance(storage, str):
+        url = storage
+    else:
+        raise StorageError(f"storage must be an Optuna storage URL or object, got {type(storage).__name__}")
+    try:
+        return RDBStorage(url)
+    except Exception as exc:
+        raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}") from None
+
+
+def create_or_load(storage: BaseStorage, name: str, higher_is_better: bool, seed: int, n_trials: int) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, n_trials // 3)))
+    directions = ["maximize" if higher_is_better else "minimize", "minimize"]  # accuracy, model bytes
+    try:
+        return optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
+                                   load_if_exists=True)
+    except ValueError as exc:  # e.g. an existing study with other directions
+        raise StorageError(f"study {name!r} exists in the storage with different settings: {exc}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial whose owning process on this host is gone (killed, crashed)."""
+    owner = trial.user_attrs.get(OWNER_ATTR)
+    if owner is None:
+        return True  # killed between trial creation and the first attribute write
+    host, _, pid = owner.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def recover_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials left by a dead process and re-enqueue their configs. Returns their numbers."""
+    storage = study._storage
+    waiting = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial was running")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        params = dict(t.system_attrs.get("fixed_params", {}))
+        params.update(t.params)
+        if params and params not in waiting:
+            study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+            waiting.append(params)
+        recovered.append(t.number)
+    if recovered:
+        _log.warning("resumed study %s: trials %s were left RUNNING by a dead process; marked FAIL and re-queued",
+                     study.study_name, recovered)
+    return recovered
+
+
+def count(study: optuna.Study, *states: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def study_attrs(study: optuna.Study) -> dict[str, Any]:
+    return dict(study.user_attrs)

@@ -1,0 +1,1 @@
+"""Search-space files (data). Loaded by autoquant.space via importlib.resources."""
