@@ -51,6 +51,23 @@ class RangeCache:
         return self._cache[key]
 
 
+def weight_channel_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """Output-channel axis of each weight initializer, as ONNX Runtime's per-channel QDQ uses it."""
+    inits = {t.name for t in model.graph.initializer}
+    axes: dict[str, int] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "Conv":
+            axes[node.input[1]] = 0
+        elif node.op_type in ("ConvTranspose", "MatMul"):
+            axes[node.input[1]] = 1
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axes[node.input[1]] = 0 if trans_b else 1
+    return axes
+
+
 def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
@@ -119,6 +136,11 @@ def build_qdq_model(
         "WeightSymmetric": wsym,
         "ForceQuantizeNoInputCheck": False,
     }
+    per_channel = config["weight_granularity"] == "per_channel"
+    if per_channel and not wsym:
+        # ORT forces per-channel weights symmetric unless a per-channel override says otherwise.
+        axes = weight_channel_axes(onnx.load(str(prepared_path), load_external_data=False))
+        extra["TensorQuantOverrides"] = {w: [{"symmetric": False, "axis": a}] for w, a in axes.items()}
     quiet = logging.getLogger()
     level = quiet.level
     with tempfile.TemporaryDirectory(prefix="autoquant-build-") as tmp:
@@ -129,7 +151,7 @@ def build_qdq_model(
         try:
             quantize_static(
                 str(prepared_path), str(raw), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                per_channel=config["weight_granularity"] == "per_channel",
+                per_channel=per_channel,
                 activation_type=quant_type(config["activation_bits"], asym),
                 weight_type=weight_quant_type(config["weight_bits"], wsym),
                 nodes_to_exclude=list(fallback_nodes), nodes_to_quantize=nodes_to_quantize,

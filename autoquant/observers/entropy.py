@@ -9,7 +9,11 @@ from ..stats import TensorStats
 from .base import Observer
 
 ENTROPY_BINS = 512  # our 4096-bin histogram is merged down: ORT's search is O(bins^2) Python loops
-QUANTIZED_BINS = 128
+
+
+def quantized_bins(bits: int) -> int:
+    """TensorRT's 128 levels per side for int8; scaled with the bit width (16-bit: no clipping search)."""
+    return min(2 ** (bits - 1), ENTROPY_BINS // 2)
 
 
 class EntropyObserver(Observer):
@@ -21,11 +25,10 @@ class EntropyObserver(Observer):
         factor = len(stats.hist) // ENTROPY_BINS
         hist = stats.hist.reshape(ENTROPY_BINS, factor).sum(axis=1)
         edges = np.linspace(-stats.half_range, stats.half_range, ENTROPY_BINS + 1).astype(np.float32)
+        nq = quantized_bins(bits)
         collector = HistogramCollector(
-            method="entropy", symmetric=True, num_bins=ENTROPY_BINS, num_quantized_bins=QUANTIZED_BINS,
+            method="entropy", symmetric=True, num_bins=ENTROPY_BINS, num_quantized_bins=nq,
             percentile=99.99, scenario="same",
         )
-        lo, hi = collector.get_entropy_threshold(
-            (hist, edges, np.float32(stats.min), np.float32(stats.max)), QUANTIZED_BINS
-        )
+        lo, hi = collector.get_entropy_threshold((hist, edges, np.float32(stats.min), np.float32(stats.max)), nq)
         return float(lo), float(hi)
