@@ -29,7 +29,7 @@ from ._io import atomic_copy, atomic_write, atomic_write_json, sha256_bytes, sha
 from .build import RangeCache
 from .data import CalibrationSource
 from .encodings import write_encodings
-from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, TrialFailed)
+from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, StorageError, TrialFailed)
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from .objective import Objective, Scoring, check_metric
 from .report import save_csv, trials_frame
@@ -45,7 +45,7 @@ DELIVERED_ENCODINGS = "quantized.encodings.json"
 
 
 def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir) -> None:
+                select, output_dir, study_name) -> None:
     if not callable(eval_callback):
         raise ConfigError(f"eval_callback must be a callable f(model_path: str) -> float, got {type(eval_callback).__name__}")
     if isinstance(allowed_accuracy_drop, bool) or not isinstance(allowed_accuracy_drop, numbers.Real) \
@@ -66,6 +66,8 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
         raise ConfigError(f"select must be one of {list(SELECT_MODES)}, got {select!r}")
     if not isinstance(output_dir, (str, os.PathLike)):
         raise ConfigError(f"output_dir must be a path, got {type(output_dir).__name__}")
+    if study_name is not None and (not isinstance(study_name, str) or not study_name.strip()):
+        raise ConfigError(f"study_name must be a non-empty string or None, got {study_name!r}")
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -83,6 +85,14 @@ def _check_output_dir(output_dir: Path) -> None:
                 pass
         except OSError as exc:
             raise OutputDirError(f"output_dir {output_dir} is not writable: {exc}") from None
+
+
+def _check_same_settings(name: str, attrs: dict, settings: dict) -> None:
+    """A resumed study must be scored the same way it was created, or its stored verdicts are wrong."""
+    for key, value in settings.items():
+        if key in attrs and attrs[key] != value:
+            raise StorageError(f"study {name!r} was created with {key}={attrs[key]!r}, this call passes {value!r}; "
+                               "pass another study_name or output_dir to start a new study")
 
 
 def _study_name(model_sha: str, space: SearchSpace, drop: float, drop_type: str, higher: bool) -> str:
@@ -172,7 +182,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
               show_progress) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir)
+                select, output_dir, study_name)
     space = SearchSpace.load(search_space)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -205,6 +215,10 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     if attrs.get("model_sha256") not in (None, model_sha):
         raise OutputDirError(f"study {name!r} in this storage belongs to another model; pass another study_name "
                              f"or output_dir")
+    _check_same_settings(name, attrs, {
+        "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
+        "higher_is_better": higher_is_better, "search_space": space.to_json(),
+    })
     eval_calls = 0
     if "baseline_accuracy" not in attrs:
         try:
@@ -245,6 +259,11 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                           fallback_order=fallback_order, float_inits=float_inits, eval_callback=eval_callback,
                           scoring=scoring, output_dir=out)
     _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
+    if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
+        raise NoCompletedTrialError(
+            f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics and the fp32 "
+            f"evaluation took {time.perf_counter() - t_start:.1f} s); raise timeout"
+        )
     result = _deliver(study, out, select, higher_is_better, scoring)
     result.eval_calls = eval_calls + objective.eval_calls
     return result

@@ -114,6 +114,11 @@ class CalibrationSource:
                         f"calibration feed #{index} input {name!r} has shape {arr.shape}, the model expects "
                         f"{_fmt_dims(dims)} (axis {axis} must be {exp})"
                     )
+            if arr.size == 0:
+                raise CalibrationDataError(
+                    f"calibration feed #{index} input {name!r} is empty (shape {arr.shape}); every feed needs at "
+                    "least one sample"
+                )
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise CalibrationDataError(
                     f"calibration feed #{index} input {name!r} contains NaN or inf: remove or clean that sample"

@@ -128,7 +128,14 @@ class SearchSpace:
             raise SearchSpaceError(
                 f"search_space must be a preset name, a path to a .yaml/.json file or a dict, got {type(space).__name__}"
             )
+        if not str(space).strip():
+            raise SearchSpaceError(
+                f"search_space is an empty string; pass a preset name (presets: {preset_names()}), a .yaml/.json "
+                "path or a dict"
+            )
         path = Path(space)
+        if path.is_dir():
+            raise SearchSpaceError(f"search space path {path} is a directory, not a .yaml/.json file")
         if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
             if not path.is_file():
                 raise SearchSpaceError(f"search space file {path} does not exist")

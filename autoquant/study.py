@@ -35,7 +35,10 @@ def open_storage(storage: str | BaseStorage | None, output_dir: Path) -> BaseSto
     try:
         return RDBStorage(url)
     except Exception as exc:
-        raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}") from None
+        hint = ""
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).parent.exists():
+            hint = " (the folder of the SQLite file does not exist; create it first)"
+        raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}{hint}") from None
 
 
 def create_or_load(storage: BaseStorage, name: str, higher_is_better: bool, seed: int, n_trials: int) -> optuna.Study:
