@@ -12,20 +12,20 @@ ENTROPY_BINS = 512  # our 4096-bin histogram is merged down: ORT's search is O(b
 
 
 def quantized_bins(bits: int) -> int:
-    """TensorRT's 128 levels per side for int8; scaled with the bit width (16-bit: no clipping search)."""
-    return min(2 ** (bits - 1), ENTROPY_BINS // 2)
+    """TensorRT's 128 levels per side for int8, scaled with the bit width."""
+    return 2 ** (bits - 1)
 
 
 class EntropyObserver(Observer):
     name = "entropy"
 
     def compute(self, stats: TensorStats, bits: int, symmetric: bool) -> tuple[float, float]:
-        if stats.hist.sum() == 0 or stats.half_range == 0:
-            return stats.min, stats.max
+        nq = quantized_bins(bits)
+        if stats.hist.sum() == 0 or stats.half_range == 0 or nq >= ENTROPY_BINS // 2:
+            return stats.min, stats.max  # more levels than histogram bins: quantization loses nothing to clip for
         factor = len(stats.hist) // ENTROPY_BINS
         hist = stats.hist.reshape(ENTROPY_BINS, factor).sum(axis=1)
         edges = np.linspace(-stats.half_range, stats.half_range, ENTROPY_BINS + 1).astype(np.float32)
-        nq = quantized_bins(bits)
         collector = HistogramCollector(
             method="entropy", symmetric=True, num_bins=ENTROPY_BINS, num_quantized_bins=nq,
             percentile=99.99, scenario="same",
