@@ -31,7 +31,7 @@ from .data import CalibrationSource
 from .encodings import write_encodings
 from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, StorageError, TrialFailed)
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
-from .objective import Objective, Scoring, check_metric
+from .objective import DETAILS, Objective, Scoring, check_metric
 from .report import save_csv, trials_frame
 from .result import OptimizeResult
 from .select import SELECT_MODES, rank
@@ -209,64 +209,68 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         atomic_write(fp32_path, lambda tmp: onnx.save(model, tmp))
 
     storage_obj = user_storage or open_storage(None, out)
-    name = study_name or _study_name(model_sha, space, float(allowed_accuracy_drop), drop_type, higher_is_better)
-    study = create_or_load(storage_obj, name, higher_is_better, int(seed), int(n_trials))
-    attrs = study.user_attrs
-    if attrs.get("model_sha256") not in (None, model_sha):
-        raise OutputDirError(f"study {name!r} in this storage belongs to another model; pass another study_name "
-                             f"or output_dir")
-    _check_same_settings(name, attrs, {
-        "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
-        "higher_is_better": higher_is_better, "search_space": space.to_json(),
-    })
-    eval_calls = 0
-    if "baseline_accuracy" not in attrs:
-        try:
-            baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
-        except TrialFailed as exc:
-            raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
-        except Exception as exc:
-            raise ConfigError(f"eval_callback raised {type(exc).__name__}: {exc} on the fp32 model {fp32_path}; "
-                              "fix the callback (it scores the fp32 model first)") from exc
-        eval_calls += 1
-        if drop_type == "relative" and baseline == 0:
-            raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")
-        for k, v in {
-            "baseline_accuracy": baseline, "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
+    try:
+        name = study_name or _study_name(model_sha, space, float(allowed_accuracy_drop), drop_type, higher_is_better)
+        study = create_or_load(storage_obj, name, higher_is_better, int(seed), int(n_trials))
+        attrs = study.user_attrs
+        if attrs.get("model_sha256") not in (None, model_sha):
+            raise OutputDirError(f"study {name!r} in this storage belongs to another model; pass another study_name "
+                                 f"or output_dir")
+        _check_same_settings(name, attrs, {
             "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
-            "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics.key,
-            "prepared_model": str(prepared.path), "preparation": prepared.steps, "seed": int(seed),
-        }.items():
-            study.set_user_attr(k, v)
-    baseline = float(study.user_attrs["baseline_accuracy"])
-    atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
-                                               else (None if storage is None else type(storage).__name__)})
+            "higher_is_better": higher_is_better, "search_space": space.to_json(),
+        })
+        eval_calls = 0
+        if "baseline_accuracy" not in attrs:
+            try:
+                baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
+            except TrialFailed as exc:
+                raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
+            except Exception as exc:
+                raise ConfigError(f"eval_callback raised {type(exc).__name__}: {exc} on the fp32 model {fp32_path}; "
+                                  "fix the callback (it scores the fp32 model first)") from exc
+            eval_calls += 1
+            if drop_type == "relative" and baseline == 0:
+                raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")
+            for k, v in {
+                "baseline_accuracy": baseline, "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
+                "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
+                "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics.key,
+                "prepared_model": str(prepared.path), "preparation": prepared.steps, "seed": int(seed),
+            }.items():
+                study.set_user_attr(k, v)
+        baseline = float(study.user_attrs["baseline_accuracy"])
+        atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
+                                                   else (None if storage is None else type(storage).__name__)})
 
-    # Fallback ranking: measured once per study (cached on disk) when the space can use it.
-    fallback_order: list[str] = []
-    fb = space.domains.get("fallback_k")
-    if fb is not None and ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
-        sqnr = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
-        fallback_order = rank_nodes(sqnr)
+        # Fallback ranking: measured once per study (cached on disk) when the space can use it.
+        fallback_order: list[str] = []
+        fb = space.domains.get("fallback_k")
+        if fb is not None and ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
+            sqnr = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
+            fallback_order = rank_nodes(sqnr)
 
-    recover_stale_trials(study)
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
+        recover_stale_trials(study)
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
 
-    float_inits = {t.name: numpy_helper.to_array(t) for t in prepared.load().graph.initializer}
-    scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
-    objective = Objective(space=space, ranges=RangeCache(statistics), prepared=prepared.path,
-                          fallback_order=fallback_order, float_inits=float_inits, eval_callback=eval_callback,
-                          scoring=scoring, output_dir=out)
-    _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
-    if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
-        raise NoCompletedTrialError(
-            f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics and the fp32 "
-            f"evaluation took {time.perf_counter() - t_start:.1f} s); raise timeout"
-        )
-    result = _deliver(study, out, select, higher_is_better, scoring)
-    result.eval_calls = eval_calls + objective.eval_calls
-    return result
+        float_inits = {t.name: numpy_helper.to_array(t) for t in prepared.load().graph.initializer}
+        scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
+        objective = Objective(space=space, ranges=RangeCache(statistics), prepared=prepared.path,
+                              fallback_order=fallback_order, float_inits=float_inits, eval_callback=eval_callback,
+                              scoring=scoring, output_dir=out)
+        _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
+        if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
+            raise NoCompletedTrialError(
+                f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics and the fp32 "
+                f"evaluation took {time.perf_counter() - t_start:.1f} s); raise timeout"
+            )
+        result = _deliver(study, out, select, higher_is_better, scoring)
+        result.eval_calls = eval_calls + objective.eval_calls
+        return result
+    finally:
+        if user_storage is None:  # our SQLite: close it so its WAL is checkpointed into study.db
+            storage_obj.engine.dispose()
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
@@ -305,16 +309,17 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         )
     chosen = None
     for t in rank(complete, select, higher_is_better):
-        src = out / t.user_attrs["model_file"]
-        if src.exists() and sha256_file(src) == t.user_attrs["sha256"]:
+        d = t.user_attrs[DETAILS]
+        src = out / d["model_file"]
+        if src.exists() and sha256_file(src) == d["sha256"]:
             chosen = t
             break
         _log.warning("trial %d's model file %s is missing or changed; it cannot be delivered", t.number, src)
     if chosen is None:
         raise NoCompletedTrialError("every completed trial's model file is missing or modified; rerun the study")
-    a = chosen.user_attrs
-    model_path = atomic_copy(out / a["model_file"], out / DELIVERED_MODEL)
-    if sha256_file(model_path) != a["sha256"]:  # the delivered file is the scored file, byte for byte
+    a, details = chosen.user_attrs, chosen.user_attrs[DETAILS]
+    model_path = atomic_copy(out / details["model_file"], out / DELIVERED_MODEL)
+    if sha256_file(model_path) != details["sha256"]:  # the delivered file is the scored file, byte for byte
         raise AutoQuantError("delivered model differs from the scored trial file (disk error?)")
     enc_path = write_encodings(model_path, out / DELIVERED_ENCODINGS)
     if not a["feasible"]:
@@ -328,11 +333,11 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         drop=float(a["drop"]), feasible=bool(a["feasible"]), trial_number=chosen.number, config=dict(a["config"]),
         encodings_path=str(enc_path), size_bytes=int(a["size_bytes"]),
         fp32_size_bytes=int(study.user_attrs["fp32_size_bytes"]), study=study, output_dir=str(out),
-        higher_is_better=higher_is_better, float_nodes=list(a.get("float_nodes", [])),
+        higher_is_better=higher_is_better, float_nodes=list(details["float_nodes"]),
     )
     save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
     atomic_write_json(out / "result.json", {
-        "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS, "sha256": a["sha256"],
+        "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS, "sha256": details["sha256"],
         "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy, "drop": result.drop,
         "feasible": result.feasible, "trial_number": result.trial_number, "config": result.config,
         "size_bytes": result.size_bytes, "fp32_size_bytes": result.fp32_size_bytes, "study_name": study.study_name,

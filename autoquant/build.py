@@ -116,6 +116,28 @@ def apply_weight_rounding(qdq: onnx.ModelProto, float_inits: dict[str, np.ndarra
     return changed
 
 
+OPSET_FOR_LOW_OR_WIDE_BITS = 21  # int4 / int16 QuantizeLinear & DequantizeLinear
+
+
+def source_for(prepared_path: Path, config: dict[str, Any]) -> Path:
+    """The prepared model, or its opset-21 copy when the config uses int4 / int16.
+
+    ORT would upgrade the opset inside every such quantize_static call; converting once and keeping
+    the copy next to the prepared model saves that per trial.
+    """
+    if config["weight_bits"] == 8 and config["activation_bits"] == 8:
+        return prepared_path
+    target = prepared_path.with_name(f"{prepared_path.stem}-opset{OPSET_FOR_LOW_OR_WIDE_BITS}.onnx")
+    if not target.exists():
+        model = onnx.load(str(prepared_path))
+        opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+        if opset >= OPSET_FOR_LOW_OR_WIDE_BITS:
+            return prepared_path
+        converted = onnx.version_converter.convert_version(model, OPSET_FOR_LOW_OR_WIDE_BITS)
+        atomic_write(target, lambda tmp: onnx.save(converted, tmp))
+    return target
+
+
 def build_qdq_model(
     prepared_path: Path,
     ranges: dict[str, tuple[float, float]],
@@ -150,7 +172,7 @@ def build_qdq_model(
         quiet.setLevel(logging.ERROR)  # ORT logs a pre-processing hint on every call
         try:
             quantize_static(
-                str(prepared_path), str(raw), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                str(source_for(prepared_path, config)), str(raw), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 activation_type=quant_type(config["activation_bits"], asym),
                 weight_type=weight_quant_type(config["weight_bits"], wsym),

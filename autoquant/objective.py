@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -48,8 +47,8 @@ class Scoring:
         return self.drop(accuracy) <= self.allowed_drop + 1e-12
 
 
-def config_key(config: dict) -> str:
-    return json.dumps(config, sort_keys=True)
+#: user attribute holding a COMPLETE trial's file, timings and provenance (one write, see Objective._run)
+DETAILS = "details"
 
 
 class Objective:
@@ -78,10 +77,12 @@ class Objective:
         config = self.space.suggest(trial, len(self.fallback_order))
         fallback = self.fallback_order[: config["fallback_k"]]
         trial.set_user_attr("config", config)
+        t_build = time.perf_counter()
         try:
             info = build_qdq_model(self.prepared, self.ranges.ranges(config), config, path, fallback, self.float_inits)
         except Exception as exc:
             raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
+        t_build = time.perf_counter() - t_build
         try:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
@@ -89,38 +90,41 @@ class Objective:
         except Exception as exc:
             raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
         sha, size = sha256_file(path), path.stat().st_size
-        t_build = time.perf_counter() - t0
+        details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
+                                   "float_nodes": fallback, "reround_changed": info.reround_changed,
+                                   "build_seconds": t_build}
         reused = self._identical_completed_trial(trial, sha)
-        t1 = time.perf_counter()
+        t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score
             accuracy = float(reused.user_attrs["accuracy"])
-            trial.set_user_attr("reused_from", reused.number)
+            details["reused_from"] = reused.number
         else:
             self.eval_calls += 1
+            t1 = time.perf_counter()
             try:
                 value = self.eval_callback(str(path))
             except Exception as exc:
                 raise TrialFailed(f"eval_callback raised {type(exc).__name__}: {exc}") from None
+            finally:
+                t_eval = time.perf_counter() - t1
             accuracy = check_metric(value, "eval_callback")
             if not path.exists() or sha256_file(path) != sha:
                 raise TrialFailed("eval_callback modified or removed the model file it was given; it must only read it")
-        t_eval = time.perf_counter() - t1
         drop = self.scoring.drop(accuracy)
-        feasible = self.scoring.feasible(accuracy)
-        attrs = {
-            "accuracy": accuracy, "drop": drop, "feasible": feasible, "size_bytes": size, "sha256": sha,
-            "model_file": str(path.relative_to(self.output_dir)), "float_nodes": fallback,
-            "build_seconds": t_build, "eval_seconds": t_eval, "reround_changed": info.reround_changed,
-            "config_key": config_key(config),
-        }
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        details["eval_seconds"] = t_eval
+        # Few, grouped writes: each attribute is one storage transaction.
+        trial.set_user_attr("accuracy", accuracy)
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("feasible", self.scoring.feasible(accuracy))
+        trial.set_user_attr("size_bytes", size)
         trial.set_constraint("accuracy_drop", drop - self.scoring.allowed_drop)
-        trial.set_user_attr("overhead_seconds", time.perf_counter() - t0 - t_eval)
+        details["overhead_seconds"] = time.perf_counter() - t0 - t_eval
+        trial.set_user_attr(DETAILS, details)
         return accuracy, float(size)
 
     def _identical_completed_trial(self, trial: optuna.Trial, sha: str):
         for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get("sha256") == sha and "reused_from" not in t.user_attrs:
+            d = t.user_attrs.get(DETAILS, {})
+            if d.get("sha256") == sha and "reused_from" not in d:
                 return t
         return None

@@ -8,6 +8,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from .objective import DETAILS
 from .select import pareto_front
 from .space import KNOBS
 
@@ -32,15 +33,16 @@ def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better
     rows = []
     for t in trials:
         a = t.user_attrs
+        d = a.get(DETAILS, {})
         row = {"trial": t.number, "state": t.state.name, "pareto": t.number in front}
         row.update({k: a.get("config", {}).get(k, t.params.get(k)) for k in KNOBS})
         row.update({
             "accuracy": a.get("accuracy"), "drop": a.get("drop"), "feasible": a.get("feasible"),
             "size_bytes": a.get("size_bytes"),
             "size_ratio": (a["size_bytes"] / fp32_size) if fp32_size and "size_bytes" in a else None,
-            "n_float_nodes": len(a["float_nodes"]) if "float_nodes" in a else None,
-            "eval_seconds": a.get("eval_seconds"), "overhead_seconds": a.get("overhead_seconds"),
-            "reused_from": a.get("reused_from"), "model_file": a.get("model_file"),
+            "n_float_nodes": len(d["float_nodes"]) if "float_nodes" in d else None,
+            "eval_seconds": d.get("eval_seconds"), "overhead_seconds": d.get("overhead_seconds"),
+            "reused_from": d.get("reused_from"), "model_file": d.get("model_file"),
             "fail_reason": a.get("fail_reason"),
         })
         rows.append(row)
