@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,8 +17,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: a kill never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_OWNER}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the delivered files get the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -28,6 +30,44 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+_OWNER = f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_tmp(folder: str | Path) -> list[Path]:
+    """Delete temp files of atomic writes whose writer (this host, pid) is dead: a kill's leftovers."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for tmp in folder.rglob(".*.tmp"):
+        parts = tmp.name.rsplit(".", 3)  # ".<name>", "<host>-<pid>", "<random>", "tmp"
+        if len(parts) < 4:
+            continue
+        owner_host, _, pid = parts[1].rpartition("-")
+        if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from optuna.trial import TrialState
 
 from . import stats as stats_mod
-from ._io import atomic_copy, atomic_write, atomic_write_json, sha256_bytes, sha256_file
+from ._io import atomic_copy, atomic_write, atomic_write_json, remove_stale_tmp, sha256_bytes, sha256_file
 from .build import RangeCache
 from .data import CalibrationSource
 from .encodings import write_encodings
@@ -42,6 +42,10 @@ from .study import count, create_or_load, open_storage, recover_stale_trials
 _log = logging.getLogger("autoquant")
 DELIVERED_MODEL = "quantized.onnx"
 DELIVERED_ENCODINGS = "quantized.encodings.json"
+STUDY_ATTRS = {
+    "model_sha256", "fp32_size_bytes", "allowed_accuracy_drop", "drop_type", "higher_is_better", "search_space",
+    "stats_key", "prepared_model", "preparation", "seed", "baseline_accuracy",
+}
 
 
 def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
@@ -189,6 +193,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     model_sha = sha256_bytes(model_bytes)
     out = Path(output_dir)
     _check_output_dir(out)
+    remove_stale_tmp(out)  # half-written temp files of a killed earlier run
     user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
     cache_dir = out / "cache"
 
@@ -221,7 +226,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             "higher_is_better": higher_is_better, "search_space": space.to_json(),
         })
         eval_calls = 0
-        if "baseline_accuracy" not in attrs:
+        if not STUDY_ATTRS <= set(attrs):  # new study, or one whose record a kill interrupted
             try:
                 baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
             except TrialFailed as exc:
@@ -232,12 +237,15 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             eval_calls += 1
             if drop_type == "relative" and baseline == 0:
                 raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")
-            for k, v in {
-                "baseline_accuracy": baseline, "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
+            record = {
+                "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                 "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics.key,
                 "prepared_model": str(prepared.path), "preparation": prepared.steps, "seed": int(seed),
-            }.items():
+                "baseline_accuracy": baseline,  # written last: its presence means the record is complete
+            }
+            assert set(record) == STUDY_ATTRS
+            for k, v in record.items():
                 study.set_user_attr(k, v)
         baseline = float(study.user_attrs["baseline_accuracy"])
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
@@ -250,7 +258,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             sqnr = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
             fallback_order = rank_nodes(sqnr)
 
-        recover_stale_trials(study)
+        recover_stale_trials(study, out / "trials")
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
 

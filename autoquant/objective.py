@@ -17,7 +17,7 @@ from ._io import sha256_file
 from .build import RangeCache, build_qdq_model
 from .errors import TrialFailed
 from .space import SearchSpace
-from .study import OWNER_ATTR, owner_id
+from .study import OWNER_ATTR, owner_id, trial_file_name
 
 
 def check_metric(value: Any, what: str) -> float:
@@ -65,7 +65,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr(OWNER_ATTR, owner_id())
         t0 = time.perf_counter()
-        path = self.trial_dir / f"trial_{trial.number:05d}.onnx"
+        path = self.trial_dir / trial_file_name(trial.number)
         try:
             return self._run(trial, path, t0)
         except TrialFailed as exc:

@@ -13,6 +13,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
+from ._io import pid_alive
 from .errors import StorageError
 
 OWNER_ATTR = "owner"
@@ -78,27 +79,18 @@ def create_or_load(storage: BaseStorage, name: str, higher_is_better: bool, seed
         raise StorageError(f"study {name!r} exists in the storage with different settings: {exc}") from None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
     """A RUNNING trial whose owning process on this host is gone (killed, crashed)."""
     owner = trial.user_attrs.get(OWNER_ATTR)
     if owner is None:
         return True  # killed between trial creation and the first attribute write
     host, _, pid = owner.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
-def recover_stale_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials left by a dead process and re-enqueue their configs. Returns their numbers."""
+def recover_stale_trials(study: optuna.Study, trial_dir: Path | None = None) -> list[int]:
+    """Fail RUNNING trials left by a dead process, re-enqueue their configs, delete their partial model
+    files (``trial_dir``). Returns their numbers."""
     storage = study._storage
     waiting = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
     recovered = []
@@ -107,6 +99,8 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
             continue
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial was running")
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if trial_dir is not None:
+            (trial_dir / trial_file_name(t.number)).unlink(missing_ok=True)
         params = dict(t.system_attrs.get("fixed_params", {}))
         params.update(t.params)
         if params and params not in waiting:
@@ -117,6 +111,10 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
         _log.warning("resumed study %s: trials %s were left RUNNING by a dead process; marked FAIL and re-queued",
                      study.study_name, recovered)
     return recovered
+
+
+def trial_file_name(number: int) -> str:
+    return f"trial_{number:05d}.onnx"
 
 
 def count(study: optuna.Study, *states: TrialState) -> int:
