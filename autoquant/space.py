@@ -144,7 +144,7 @@ class SearchSpace:
         available = preset_names()
         if name not in available:
             raise SearchSpaceError(f"unknown search space {name!r}; presets: {available}, or pass a file path or dict")
-        text = resources.files("autoquant.search_spaces").joinpath(f"{name}.yaml").read_text()
+        text = _spaces_folder().joinpath(f"{name}.yaml").read_text()
         return cls(_parse(text, name), name)
 
     # -- Optuna ------------------------------------------------------------------------------
@@ -204,6 +204,13 @@ def _parse(text: str, where: str) -> dict:
     return data
 
 
+def _spaces_folder():
+    """search_spaces/ shipped in the package, or beside it when running from a source checkout."""
+    try:
+        return resources.files("autoquant.search_spaces")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
 def preset_names() -> list[str]:
-    folder = resources.files("autoquant.search_spaces")
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in _spaces_folder().iterdir() if p.name.endswith(".yaml"))
