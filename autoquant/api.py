@@ -128,6 +128,24 @@ def _prepare(proto: onnx.ModelProto, model_sha: str, cache_dir: Path, work: Path
     return prepared
 
 
+def _stage_inputs(proto: onnx.ModelProto, model_sha: str, calibration_data, cache_dir: Path, progress: bool):
+    """Prepared model and statistics, from the cache or made now.
+
+    New files are made in a temp dir and copied into the cache only once complete, so an input error
+    (a bad feed #37, ...) leaves nothing behind in output_dir.
+    """
+    with tempfile.TemporaryDirectory(prefix="autoquant-stage-") as stage:
+        work = Path(stage)
+        prepared = _prepare(proto, model_sha, cache_dir, work)
+        source = CalibrationSource(calibration_data, prepared.input_specs)
+        statistics = _statistics(prepared, source, cache_dir, work, progress)
+        for f in work.iterdir():
+            if not (cache_dir / f.name).exists():
+                atomic_copy(f, cache_dir / f.name)  # copy: the temp dir may be on another file system
+    prepared.path = cache_dir / prepared.path.name
+    return prepared, statistics
+
+
 def _statistics(prepared: PreparedModel, source: CalibrationSource, cache_dir: Path, work: Path, progress: bool):
     """Statistics from the cache when the data fingerprint matches, else one collection pass."""
     if source.reiterable:
@@ -197,18 +215,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
     cache_dir = out / "cache"
 
-    # Preparation and statistics are staged in a temp dir and moved in only once complete, so an
-    # input error (bad feed #37, ...) leaves nothing behind in output_dir.
-    with tempfile.TemporaryDirectory(prefix="autoquant-stage-") as stage:
-        work = Path(stage)
-        prepared = _prepare(proto, model_sha, cache_dir, work)
-        source = CalibrationSource(calibration_data, prepared.input_specs)
-        statistics = _statistics(prepared, source, cache_dir, work, show_progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for f in work.iterdir():
-            os.replace(f, cache_dir / f.name) if not (cache_dir / f.name).exists() else None
-    if prepared.path.parent != cache_dir:
-        prepared.path = cache_dir / prepared.path.name
+    prepared, statistics = _stage_inputs(proto, model_sha, calibration_data, cache_dir, show_progress)
     fp32_path = Path(model) if not isinstance(model, onnx.ModelProto) else cache_dir / f"fp32-{model_sha[:16]}.onnx"
     if isinstance(model, onnx.ModelProto) and not fp32_path.exists():
         atomic_write(fp32_path, lambda tmp: onnx.save(model, tmp))
@@ -227,37 +234,18 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         })
         eval_calls = 0
         if not STUDY_ATTRS <= set(attrs):  # new study, or one whose record a kill interrupted
-            try:
-                baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
-            except TrialFailed as exc:
-                raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
-            except Exception as exc:
-                raise ConfigError(f"eval_callback raised {type(exc).__name__}: {exc} on the fp32 model {fp32_path}; "
-                                  "fix the callback (it scores the fp32 model first)") from exc
-            eval_calls += 1
-            if drop_type == "relative" and baseline == 0:
-                raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")
-            record = {
+            _record_study(study, eval_callback, fp32_path, drop_type, {
                 "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                 "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics.key,
                 "prepared_model": str(prepared.path), "preparation": prepared.steps, "seed": int(seed),
-                "baseline_accuracy": baseline,  # written last: its presence means the record is complete
-            }
-            assert set(record) == STUDY_ATTRS
-            for k, v in record.items():
-                study.set_user_attr(k, v)
+            })
+            eval_calls += 1
         baseline = float(study.user_attrs["baseline_accuracy"])
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
                                                    else (None if storage is None else type(storage).__name__)})
 
-        # Fallback ranking: measured once per study (cached on disk) when the space can use it.
-        fallback_order: list[str] = []
-        fb = space.domains.get("fallback_k")
-        if fb is not None and ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
-            sqnr = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
-            fallback_order = rank_nodes(sqnr)
-
+        fallback_order = _fallback_order(space, prepared, statistics, cache_dir)
         recover_stale_trials(study, out / "trials")
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
@@ -279,6 +267,31 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     finally:
         if user_storage is None:  # our SQLite: close it so its WAL is checkpointed into study.db
             storage_obj.engine.dispose()
+
+
+def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type: str, record: dict) -> None:
+    """Score the fp32 model once and store the study's record, baseline last (its presence = complete)."""
+    try:
+        baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
+    except TrialFailed as exc:
+        raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
+    except Exception as exc:
+        raise ConfigError(f"eval_callback raised {type(exc).__name__}: {exc} on the fp32 model {fp32_path}; "
+                          "fix the callback (it scores the fp32 model first)") from exc
+    if drop_type == "relative" and baseline == 0:
+        raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")
+    record = {**record, "baseline_accuracy": baseline}
+    assert set(record) == STUDY_ATTRS
+    for k, v in record.items():
+        study.set_user_attr(k, v)
+
+
+def _fallback_order(space: SearchSpace, prepared: PreparedModel, statistics, cache_dir: Path) -> list[str]:
+    """Compute nodes, most sensitive first; measured once per study (cached) and only if the space uses it."""
+    fb = space.domains.get("fallback_k")
+    if fb is None or not ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
+        return []
+    return rank_nodes(measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir))
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
