@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import numbers
@@ -21,7 +20,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 import optuna
-from onnx import numpy_helper
 from optuna.trial import TrialState
 
 from . import stats as stats_mod
@@ -31,12 +29,14 @@ from .data import CalibrationSource
 from .encodings import write_encodings
 from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, StorageError, TrialFailed)
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
-from .objective import DETAILS, Objective, Scoring, check_metric
+from . import variants
+from .objective import DETAILS, Objective, Scoring, Source, check_metric
+from .refine import Refiner
 from .report import save_csv, trials_frame
 from .result import OptimizeResult
 from .select import SELECT_MODES, rank
 from .sensitivity import measure_sensitivity, rank_nodes
-from .space import SearchSpace
+from .space import KNOBS, SearchSpace
 from .study import count, create_or_load, open_storage, recover_stale_trials
 
 _log = logging.getLogger("autoquant")
@@ -105,66 +105,86 @@ def _study_name(model_sha: str, space: SearchSpace, drop: float, drop_type: str,
 
 
 def _prepare(proto: onnx.ModelProto, model_sha: str, cache_dir: Path, work: Path) -> PreparedModel:
-    """Prepared model from the cache, or prepared now into ``work`` (moved to the cache by the caller)."""
-    cached, meta = cache_dir / f"prepared-{model_sha[:16]}.onnx", cache_dir / f"prepared-{model_sha[:16]}.json"
-    if cached.exists() and meta.exists():
-        m = json.loads(meta.read_text())
-        if sha256_file(cached) == m["sha256"]:
-            specs = {k: (v[0], tuple(v[1])) for k, v in m["input_specs"].items()}
-            return PreparedModel(cached, m["sha256"], specs, m["steps"] + ["(loaded from cache)"])
-    named = onnx.ModelProto()
-    named.CopyFrom(proto)
-    steps = []
-    if (n := ensure_node_names(named)):
-        steps.append(f"named {n} unnamed nodes")
-    prepared = prepare_model(named, work / cached.name)
-    p = prepared.load()
-    if ensure_node_names(p):  # optimisation may create unnamed nodes
-        atomic_write(prepared.path, lambda tmp: onnx.save(p, tmp))
-        prepared.sha256 = sha256_file(prepared.path)
-    prepared.steps = steps + prepared.steps
-    atomic_write_json(work / meta.name, {"sha256": prepared.sha256, "steps": prepared.steps,
-                                         "input_specs": {k: [v[0], list(v[1])] for k, v in prepared.input_specs.items()}})
-    return prepared
+    """Prepared base model from the cache, or prepared now into ``work`` (copied to the cache by the caller)."""
+
+    def make() -> tuple[onnx.ModelProto, list[str]]:
+        named = onnx.ModelProto()
+        named.CopyFrom(proto)
+        steps = [f"named {n} unnamed nodes"] if (n := ensure_node_names(named)) else []
+        prepared = prepare_model(named, work / "prepare.tmp.onnx")
+        p = prepared.load()
+        prepared.path.unlink()
+        ensure_node_names(p)  # shape inference may add unnamed nodes
+        return p, steps + prepared.steps
+
+    return variants.cached_model(cache_dir, work, f"prepared-{model_sha[:16]}", make)
 
 
-def _stage_inputs(proto: onnx.ModelProto, model_sha: str, calibration_data, cache_dir: Path, progress: bool):
-    """Prepared model and statistics, from the cache or made now.
+def _variants_needed(space: SearchSpace) -> list[str]:
+    """The float-model variants this space can reach."""
+    def can(knob: str, value) -> bool:
+        dom = space.domains.get(knob)
+        return value in (dom.values or ()) if dom is not None else KNOBS[knob].default == value
+
+    out = [variants.BASE]
+    if can("cle", False) and can("bn_fold", True):
+        out.append(variants.BN_FOLD)
+    if can("cle", True):
+        out.append(variants.CLE)
+    return out
+
+
+def _stage_inputs(proto: onnx.ModelProto, model_sha: str, calibration_data, space: SearchSpace, cache_dir: Path,
+                  progress: bool) -> tuple[dict[str, PreparedModel], dict[str, stats_mod.Statistics]]:
+    """Prepared model variants and their statistics, from the cache or made now.
 
     New files are made in a temp dir and copied into the cache only once complete, so an input error
     (a bad feed #37, ...) leaves nothing behind in output_dir.
     """
     with tempfile.TemporaryDirectory(prefix="autoquant-stage-") as stage:
         work = Path(stage)
-        prepared = _prepare(proto, model_sha, cache_dir, work)
-        source = CalibrationSource(calibration_data, prepared.input_specs)
-        statistics = _statistics(prepared, source, cache_dir, work, progress)
+        base = _prepare(proto, model_sha, cache_dir, work)
+        models = {variants.BASE: base}
+        for v in _variants_needed(space)[1:]:
+            models[v] = variants.cached_model(cache_dir, work, f"prepared-{model_sha[:16]}-{v}",
+                                              lambda v=v: variants.make_variant(base.load(), v))
+        source = CalibrationSource(calibration_data, base.input_specs)
+        stats_for = {variants.stats_variant(v): models[variants.stats_variant(v)] for v in models}
+        statistics = _statistics(stats_for, source, cache_dir, work, progress)
         for f in work.iterdir():
             if not (cache_dir / f.name).exists():
                 atomic_copy(f, cache_dir / f.name)  # copy: the temp dir may be on another file system
-    prepared.path = cache_dir / prepared.path.name
-    return prepared, statistics
+    for m in models.values():
+        m.path = cache_dir / m.path.name
+    return models, {v: statistics[variants.stats_variant(v)] for v in models}
 
 
-def _statistics(prepared: PreparedModel, source: CalibrationSource, cache_dir: Path, work: Path, progress: bool):
-    """Statistics from the cache when the data fingerprint matches, else one collection pass."""
+def _statistics(models: dict[str, PreparedModel], source: CalibrationSource, cache_dir: Path, work: Path,
+                progress: bool) -> dict[str, stats_mod.Statistics]:
+    """Statistics per model, from the cache when the data fingerprint matches, else ONE collection pass
+    over the data that feeds every model missing from the cache."""
+    found: dict[str, stats_mod.Statistics] = {}
     if source.reiterable:
         data_sha = source.fingerprint()
-        key = stats_mod.stats_key(prepared.sha256, data_sha)
-        cached = cache_dir / f"stats-{key}.npz"
-        if cached.exists():
-            try:
-                return stats_mod.Statistics.load(cached)
-            except Exception:  # unreadable / old cache: collect again
-                _log.warning("statistics cache %s unreadable; collecting again", cached)
-    from tqdm.auto import tqdm
+        for name, m in models.items():
+            cached = cache_dir / f"stats-{stats_mod.stats_key(m.sha256, data_sha)}.npz"
+            if cached.exists():
+                try:
+                    found[name] = stats_mod.Statistics.load(cached)
+                except Exception:  # unreadable / old cache: collect again
+                    _log.warning("statistics cache %s unreadable; collecting again", cached)
+    missing = [name for name in models if name not in found]
+    if missing:
+        from tqdm.auto import tqdm
 
-    proto = prepared.load()
-    with tqdm(desc="calibration statistics", unit="feed", disable=not progress, leave=False) as bar:
-        st, _ = stats_mod.collect_statistics(proto, float_activation_tensors(proto), source, prepared.sha256,
-                                             progress=bar)
-    st.save(work / f"stats-{st.key}.npz")
-    return st
+        protos = {name: models[name].load() for name in missing}
+        jobs = [(protos[n], float_activation_tensors(protos[n]), models[n].sha256) for n in missing]
+        with tqdm(desc="calibration statistics", unit="feed", disable=not progress, leave=False) as bar:
+            collected, _ = stats_mod.collect_statistics_many(jobs, source, progress=bar)
+        for name, st in zip(missing, collected):
+            st.save(work / f"stats-{st.key}.npz")
+            found[name] = st
+    return found
 
 
 def optimize(
@@ -215,7 +235,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
     cache_dir = out / "cache"
 
-    prepared, statistics = _stage_inputs(proto, model_sha, calibration_data, cache_dir, show_progress)
+    models, statistics = _stage_inputs(proto, model_sha, calibration_data, space, cache_dir, show_progress)
+    prepared = models[variants.BASE]
     fp32_path = Path(model) if not isinstance(model, onnx.ModelProto) else cache_dir / f"fp32-{model_sha[:16]}.onnx"
     if isinstance(model, onnx.ModelProto) and not fp32_path.exists():
         atomic_write(fp32_path, lambda tmp: onnx.save(model, tmp))
@@ -237,24 +258,24 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             _record_study(study, eval_callback, fp32_path, drop_type, {
                 "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
-                "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics.key,
-                "prepared_model": str(prepared.path), "preparation": prepared.steps, "seed": int(seed),
+                "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics[variants.BASE].key,
+                "prepared_model": str(prepared.path), "preparation": {v: m.steps for v, m in models.items()}, "seed": int(seed),
             })
             eval_calls += 1
         baseline = float(study.user_attrs["baseline_accuracy"])
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
                                                    else (None if storage is None else type(storage).__name__)})
 
-        fallback_order = _fallback_order(space, prepared, statistics, cache_dir)
+        ranked = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE  # the default variant
+        fallback_order = _fallback_order(space, models[ranked], statistics[ranked], cache_dir)
         recover_stale_trials(study, out / "trials")
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
 
-        float_inits = {t.name: numpy_helper.to_array(t) for t in prepared.load().graph.initializer}
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
-        objective = Objective(space=space, ranges=RangeCache(statistics), prepared=prepared.path,
-                              fallback_order=fallback_order, float_inits=float_inits, eval_callback=eval_callback,
-                              scoring=scoring, output_dir=out)
+        objective = Objective(space=space, sources=_sources(models, statistics, cache_dir),
+                              fallback_order=fallback_order, eval_callback=eval_callback, scoring=scoring,
+                              output_dir=out)
         _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
             raise NoCompletedTrialError(
@@ -292,6 +313,16 @@ def _fallback_order(space: SearchSpace, prepared: PreparedModel, statistics, cac
     if fb is None or not ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
         return []
     return rank_nodes(measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir))
+
+
+def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path) -> dict[str, Source]:
+    ranges = {id(st): RangeCache(st) for st in statistics.values()}  # variants sharing statistics share ranges
+    out = {}
+    for v, m in models.items():
+        proto = m.load()
+        out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
+                        frozenset(n.name for n in proto.graph.node))
+    return out
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,

@@ -11,7 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -32,7 +32,7 @@ class BuildInfo:
     path: Path
     n_qdq_nodes: int
     float_nodes: list[str] = field(default_factory=list)
-    reround_changed: int = 0  # weight integers that ties-away rounding changed vs ORT's ties-to-even
+    refinements: dict[str, Any] = field(default_factory=dict)  # what rounding / bias correction changed
 
 
 class RangeCache:
@@ -69,7 +69,10 @@ def weight_channel_axes(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    """Round half away from zero, exactly: ``x - trunc(x)`` is exact in floating point, while
+    ``floor(|x| + 0.5)`` rounds 0.49999997 up in float32."""
+    t = np.trunc(x)
+    return t + np.sign(x) * (np.abs(x - t) >= 0.5)
 
 
 def requantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None, qmin: int, qmax: int,
@@ -146,8 +149,14 @@ def build_qdq_model(
     fallback_nodes: list[str] = (),
     float_inits: dict[str, np.ndarray] | None = None,
     nodes_to_quantize: list[str] | None = None,
+    refine: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
 ) -> BuildInfo:
-    """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically."""
+    """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically.
+
+    ``refine`` (a :class:`autoquant.refine.Refiner`'s ``apply`` bound to the config) rewrites weights
+    after ORT (rounding mode, AdaRound, bias correction). Without it only ties-away rounding is
+    available, from ``float_inits`` (or the prepared model's initializers).
+    """
     tensors = TensorsData(
         CalibrationMethod.MinMax,
         {n: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32)) for n, (lo, hi) in ranges.items()},
@@ -183,11 +192,16 @@ def build_qdq_model(
         finally:
             quiet.setLevel(level)
         model = onnx.load(str(raw))
-    changed = 0
-    if config["weight_rounding"] != "nearest_even":
+    if refine is not None:
+        details = refine(model)
+    elif config.get("weight_rounding") == "adaround" or config.get("bias_correction"):
+        raise ValueError("AdaRound and bias correction need calibration samples: pass refine=Refiner(...).apply")
+    elif config["weight_rounding"] == "nearest_away":
         if float_inits is None:
             float_inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(prepared_path)).graph.initializer}
-        changed = apply_weight_rounding(model, float_inits, config["weight_rounding"])
+        details = {"reround_changed": apply_weight_rounding(model, float_inits, config["weight_rounding"])}
+    else:
+        details = {}
     atomic_write(out_path, lambda p: onnx.save(model, p))
     n_qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    return BuildInfo(out_path, n_qdq, list(fallback_nodes), changed)
+    return BuildInfo(out_path, n_qdq, list(fallback_nodes), details)

@@ -1,8 +1,8 @@
 """Loading, validating, hashing and preparing the float model.
 
 Preparation is kept small in this module: opset upgrade to >= 13 (per-channel QDQ needs it), ONNX Runtime's
-own ``quant_pre_process`` (symbolic shape inference + graph optimisation, e.g. BatchNorm folded into Conv),
-and a record of every step so the user can see what was changed.
+own ``quant_pre_process`` (symbolic shape inference; its graph optimisation is left to the searched
+variants, see autoquant.variants), and a record of every step so the user can see what was changed.
 """
 
 from __future__ import annotations
@@ -119,10 +119,12 @@ def prepare_model(proto: onnx.ModelProto, out_path: Path) -> PreparedModel:
         try:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            # ORT's graph optimisation is skipped: it would fold BatchNorm, which is a searched knob here
+            # (autoquant.variants / techniques.bn_fold).
+            quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=False)
             prepared = onnx.load(str(dst))
             onnx.checker.check_model(prepared)
-            steps.append("onnxruntime quant_pre_process (shape inference + graph optimisation)")
+            steps.append("onnxruntime quant_pre_process (symbolic shape inference)")
         except Exception as exc:  # fall back to plain ONNX shape inference: still quantizable
             _log.warning("quant_pre_process failed (%s); using ONNX shape inference only", exc)
             prepared = onnx.shape_inference.infer_shapes(proto)

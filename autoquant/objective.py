@@ -16,7 +16,9 @@ import onnxruntime as ort
 from ._io import sha256_file
 from .build import RangeCache, build_qdq_model
 from .errors import TrialFailed
+from .refine import Refiner
 from .space import SearchSpace
+from .variants import variant_of
 from .study import OWNER_ATTR, owner_id, trial_file_name
 
 
@@ -51,13 +53,22 @@ class Scoring:
 DETAILS = "details"
 
 
+@dataclass
+class Source:
+    """What a trial builds from, per float-model variant (see autoquant.variants)."""
+
+    path: Path
+    ranges: RangeCache
+    refiner: Refiner
+    nodes: frozenset[str]
+
+
 class Objective:
     """The callable handed to ``study.optimize``. Returns (accuracy, model bytes)."""
 
-    def __init__(self, *, space: SearchSpace, ranges: RangeCache, prepared: Path, fallback_order: list[str],
-                 float_inits: dict, eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path):
-        self.space, self.ranges, self.prepared = space, ranges, prepared
-        self.fallback_order, self.float_inits = fallback_order, float_inits
+    def __init__(self, *, space: SearchSpace, sources: dict[str, Source], fallback_order: list[str],
+                 eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path):
+        self.space, self.sources, self.fallback_order = space, sources, fallback_order
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
         self.trial_dir = output_dir / "trials"
         self.eval_calls = 0
@@ -75,11 +86,14 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, path: Path, t0: float) -> tuple[float, float]:
         config = self.space.suggest(trial, len(self.fallback_order))
-        fallback = self.fallback_order[: config["fallback_k"]]
+        variant = variant_of(config)
+        src = self.sources[variant]
+        fallback = [n for n in self.fallback_order if n in src.nodes][: config["fallback_k"]]
         trial.set_user_attr("config", config)
         t_build = time.perf_counter()
         try:
-            info = build_qdq_model(self.prepared, self.ranges.ranges(config), config, path, fallback, self.float_inits)
+            info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, fallback,
+                                   refine=lambda model: src.refiner.apply(model, config))
         except Exception as exc:
             raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
         t_build = time.perf_counter() - t_build
@@ -91,8 +105,8 @@ class Objective:
             raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
         sha, size = sha256_file(path), path.stat().st_size
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
-                                   "float_nodes": fallback, "reround_changed": info.reround_changed,
-                                   "build_seconds": t_build}
+                                   "float_nodes": fallback, "variant": variant, "build_seconds": t_build,
+                                   **info.refinements}
         reused = self._identical_completed_trial(trial, sha)
         t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score

@@ -34,8 +34,9 @@ def weight_quant_type(bits: int, symmetric: bool) -> QuantType:
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer grid [qmin, qmax] used for scales, as ONNX Runtime uses it (symmetric signed drops -2^(b-1))."""
+    """Integer grid [qmin, qmax] scales are derived on, as ONNX Runtime does: symmetric int8 / int16 drop
+    -2^(b-1) (a grid symmetric around zero); symmetric int4 keeps the full [-8, 7]."""
     if symmetric:
         m = 2 ** (bits - 1) - 1
-        return -m, m
+        return (-m, m) if bits in (8, 16) else (-m - 1, m)
     return 0, 2**bits - 1

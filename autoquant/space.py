@@ -36,7 +36,10 @@ KNOBS: dict[str, Knob] = {
     "activation_symmetric": Knob("choice", False, (True, False)),
     "weight_bits": Knob("choice", 8, (4, 8, 16)),
     "activation_bits": Knob("choice", 8, (8, 16)),
-    "weight_rounding": Knob("choice", "nearest_even", ("nearest_even", "nearest_away")),
+    "weight_rounding": Knob("choice", "nearest_even", ("nearest_even", "nearest_away", "adaround")),
+    "cle": Knob("choice", False, (False, True), doc="cross-layer equalization (folds BatchNorm first)"),
+    "bn_fold": Knob("choice", True, (True, False), doc="fold BatchNormalization into Conv/Gemm (cle=false)"),
+    "bias_correction": Knob("choice", False, (False, True), doc="empirical bias correction after quantization"),
     "fallback_k": Knob("int", 0, bounds=(0, 1000), doc="k most sensitive compute nodes kept in float"),
 }
 TOP_LEVEL_KEYS = {"name", "description", "knobs"}
@@ -154,6 +157,9 @@ class SearchSpace:
             if key == "percentile" and config["calibration"] != "percentile":
                 config[key] = None
                 continue
+            if key == "bn_fold" and config["cle"]:
+                config[key] = True  # CLE needs Conv->Relu->Conv adjacency, so it always folds BatchNorm first
+                continue
             dom = self.domains.get(key)
             if dom is None:
                 config[key] = knob.default
@@ -171,22 +177,21 @@ class SearchSpace:
     def baseline_params(self) -> dict[str, Any]:
         """Optuna params of ORT's defaults (minmax, per-tensor, 8/8, no fallback) projected into this space."""
         params: dict[str, Any] = {}
-        calibration = KNOBS["calibration"].default
+        chosen: dict[str, Any] = {}
         for key, knob in KNOBS.items():
             dom = self.domains.get(key)
             if dom is None or dom.fixed:
-                if key == "calibration":
-                    calibration = dom.values[0] if dom else knob.default
+                chosen[key] = knob.default if dom is None else (dom.values[0] if dom.values is not None else dom.low)
                 continue
-            if key == "percentile" and calibration != "percentile":
+            if key == "percentile" and chosen["calibration"] != "percentile":
+                continue
+            if key == "bn_fold" and chosen["cle"]:
                 continue
             if dom.values is not None:
                 value = knob.default if knob.default in dom.values else dom.values[0]
             else:
                 value = min(max(knob.default, dom.low), dom.high)
-            params[key] = value
-            if key == "calibration":
-                calibration = value
+            params[key] = chosen[key] = value
         return params
 
     def to_json(self) -> dict:

@@ -156,7 +156,7 @@ def stats_key(model_sha: str, data_sha: str) -> str:
     return hashlib.sha256(f"stats-v{STATS_VERSION}|{model_sha}|{data_sha}".encode()).hexdigest()[:16]
 
 
-def _augmented_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
+def augmented_session(model: onnx.ModelProto, tensors: list[str]) -> ort.InferenceSession:
     """A session whose outputs are every tensor we collect statistics for."""
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
@@ -179,10 +179,22 @@ def collect_statistics(
     progress=None,
 ) -> tuple[Statistics, str]:
     """One pass over ``feeds``: returns the statistics and the data fingerprint computed on the way."""
+    (stats,), data_sha = collect_statistics_many([(model, tensors, model_sha)], feeds, keep_samples, progress)
+    return stats, data_sha
+
+
+def collect_statistics_many(
+    models: list[tuple[onnx.ModelProto, list[str], str]],
+    feeds: Iterable[Feed],
+    keep_samples: int = 8,
+    progress=None,
+) -> tuple[list[Statistics], str]:
+    """One pass over ``feeds`` feeding every (model, tensors, model_sha): the data is read exactly once
+    even when several model variants (e.g. with and without cross-layer equalization) need statistics."""
     global PASSES
     PASSES += 1
-    session = _augmented_session(model, tensors)
-    acc = {name: _TensorAccumulator() for name in tensors}
+    sessions = [augmented_session(model, tensors) for model, tensors, _ in models]
+    accs = [{name: _TensorAccumulator() for name in tensors} for _, tensors, _ in models]
     samples: list[Feed] = []
     h = hashlib.sha256()
     n = 0
@@ -190,12 +202,15 @@ def collect_statistics(
         update_fingerprint(h, feed)
         if len(samples) < keep_samples:
             samples.append({k: np.array(v) for k, v in feed.items()})
-        outs = session.run(tensors, feed)
-        for name, value in zip(tensors, outs):
-            acc[name].add(value)
+        for session, acc, (_, tensors, _) in zip(sessions, accs, models):
+            for name, value in zip(tensors, session.run(tensors, feed)):
+                acc[name].add(value)
         n += 1
         if progress is not None:
             progress.update(1)
     data_sha = h.hexdigest()
-    result = {name: st for name, a in acc.items() if (st := a.result()) is not None}
-    return Statistics(result, samples, n, stats_key(model_sha, data_sha)), data_sha
+    results = []
+    for acc, (_, _, model_sha) in zip(accs, models):
+        tensors = {name: st for name, a in acc.items() if (st := a.result()) is not None}
+        results.append(Statistics(tensors, samples, n, stats_key(model_sha, data_sha)))
+    return results, data_sha

@@ -71,7 +71,7 @@ def assert_not_created(folder: Path) -> None:
 
 #: Complete files optimize() may legitimately leave after an error raised once preparation has finished
 #: (moved in atomically from a staging dir). Anything else (a .tmp, a trial model, a delivered file) is a leftover.
-CACHE_FILES = (r"cache", r"cache/prepared-[0-9a-f]{16}\.onnx", r"cache/prepared-[0-9a-f]{16}\.json",
+CACHE_FILES = (r"cache", r"cache/prepared-[0-9a-f]{16}(-[a-z_]+)?\.onnx", r"cache/prepared-[0-9a-f]{16}(-[a-z_]+)?\.json",
                r"cache/stats-[0-9a-f]+\.npz", r"study\.db")
 
 
