@@ -192,10 +192,10 @@ def adaround(w: np.ndarray, x: np.ndarray, scale: np.ndarray, zero_point: np.nda
              beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, max_rows: int = 2048, lr: float = 1e-2,
              seed: int = 0) -> tuple[np.ndarray, dict]:
     """Integer weights (int32, shape of ``w``, in [qmin, qmax]) chosen by AdaRound on the grid
-    (``scale``, ``zero_point``, ``axis`` as in DequantizeLinear), with info
-    ``{"loss_nearest", "loss_adaround", "iters", "used", "changed", "seconds"}``; ``used`` is
-    "adaround" or "nearest" (the fallback when AdaRound's layer MSE is not lower).
-    ``x`` is the layer's float input on calibration data, ``attrs`` the node's attributes."""
+    (``scale``, ``zero_point``, ``axis`` as in DequantizeLinear) and an info dict: ``loss_nearest`` and
+    ``loss_adaround`` (layer output MSE on the sampled rows, float64), ``iters``, ``used`` ("adaround", or
+    "nearest" when AdaRound's MSE is not lower), ``changed`` (integers differing from nearest), ``rows``,
+    ``seconds``. ``x`` is the layer's float input on calibration data, ``attrs`` the node's attributes."""
     start = time.perf_counter()
     w = np.asarray(w, np.float32)
     form = layer_matrix(op_type, attrs, w, x, max_rows, seed)
@@ -207,6 +207,8 @@ def adaround(w: np.ndarray, x: np.ndarray, scale: np.ndarray, zero_point: np.nda
     nearest = np.clip(np.round(ws) + z, qmin, qmax)
     obj = _Objective(form.x, form.w)
     loss_near = obj.exact(s * (nearest - z))
+    if loss_near == 0.0:  # nothing to win
+        iters = 0
 
     # V starts where h(V) is the fractional part, i.e. where W~ equals W (inside the grid)
     p = np.clip(((ws - low) - GAMMA) / (ZETA - GAMMA), 1e-6, 1 - 1e-6)
@@ -269,9 +271,10 @@ def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray
     place) by AdaRound's, keeping their ONNX type (int4 included). ``float_inits`` maps ``<w>`` to the float
     weight, ``layer_inputs`` a node NAME to its float input activations on calibration data; nodes
     missing from either, with a shared weight or a blocked grid are left alone. ``kw`` goes to
-    :func:`adaround`. ``cache`` (a plain dict the caller may keep) maps a key of node, weight, input, grid,
-    attributes and ``kw`` to ``{"q": int32 array, "info": dict}``, so a repeated grid costs no optimization.
-    Returns the info per rewritten node (``"cached": True`` when it came from ``cache``)."""
+    :func:`adaround`. ``cache`` (a plain dict the caller may keep, e.g. with ``np.savez``) maps a hex key
+    of node, weight, input, grid, attributes and ``kw`` to the int32 result, so a repeated grid costs no
+    optimization. Returns :func:`adaround`'s info per rewritten node, with ``"cached": False``, or just
+    ``{"cached": True}`` when the integers came from ``cache``."""
     inits = {t.name: t for t in qdq_model.graph.initializer}
     producers = _weight_dq(qdq_model)
     uses: dict[str, int] = {}
@@ -289,31 +292,34 @@ def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray
         base = qname[: -len("_quantized")]
         attrs_dq = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         qtensor = inits[qname]
-        if (base not in float_inits or qtensor.data_type not in ONNX_INT_TYPES or ONNX_INT_TYPES[qtensor.data_type][0] > 16
+        has_zp = len(dq.input) > 2 and bool(dq.input[2])
+        if (base not in float_inits or ONNX_INT_TYPES.get(qtensor.data_type, (32,))[0] > 16
                 or uses.get(qname, 0) != 1 or uses.get(node.input[1], 0) != 1 or attrs_dq.get("block_size", 0)
-                or dq.input[1] not in inits or (len(dq.input) > 2 and dq.input[2] and dq.input[2] not in inits)):
-            continue
+                or dq.input[1] not in inits or (has_zp and dq.input[2] not in inits)):
+            continue  # not a plain per-tensor / per-axis integer weight of this node alone
         bits, signed = ONNX_INT_TYPES[qtensor.data_type]
         qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
         old = numpy_helper.to_array(qtensor)
-        zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.int32) if len(dq.input) > 2 and dq.input[2]
-              else np.zeros(scale.shape, np.int32))
+        zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int32) if has_zp else np.zeros(scale.shape, np.int32)
         axis = attrs_dq.get("axis")
         w = np.asarray(float_inits[base], np.float32)
         x = layer_inputs[node.name]
-        x = np.concatenate([np.asarray(a, np.float32) for a in x]) if isinstance(x, (list, tuple)) else np.asarray(x, np.float32)
+        x = np.concatenate(x) if isinstance(x, (list, tuple)) else x
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         key = None
         if cache is not None:
             key = _digest("adaround-v1", node.name, node.op_type, sorted(attrs.items()), w, x, scale, zp, qmin, qmax,
                           axis, sorted(kw.items()))
         if key is not None and key in cache:
-            q, info = cache[key]["q"], dict(cache[key]["info"], cached=True)
+            q, info = np.asarray(cache[key]), {"cached": True}
         else:
-            q, info = adaround(w, x, scale, zp, axis, qmin, qmax, node.op_type, attrs, **kw)
+            try:
+                q, info = adaround(w, x, scale, zp, axis, qmin, qmax, node.op_type, attrs, **kw)
+            except NotImplementedError:  # e.g. a 3-D Conv or a batched MatMul weight: left as ORT wrote it
+                continue
             if key is not None:
-                cache[key] = {"q": q, "info": info}
+                cache[key] = q
             info = dict(info, cached=False)
         qtensor.CopyFrom(numpy_helper.from_array(np.asarray(q).astype(old.dtype).reshape(old.shape), qname))
         report[node.name] = info

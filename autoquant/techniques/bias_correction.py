@@ -10,7 +10,7 @@ shift already includes the corrections of the layers feeding it (one QDQ inferen
 layers of a wave have no corrected layer upstream, so independent branches share a pass).
 Node outputs are read with graph optimizations off, i.e. on the DequantizeLinear -> float op path that
 QDQ defines; an optimized session computes the same values up to requantization rounding.
-MatMul has no bias input in ONNX, so MatMul nodes are measured but never corrected.
+MatMul has no bias input in ONNX, so MatMul nodes are skipped (a MatMul + Add pair is not handled).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ LAYER_OPS = ("Conv", "Gemm", "MatMul")
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
 
-def tensor_values(model: onnx.ModelProto, names: list[str], samples: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+def tensor_values(model: onnx.ModelProto, names: list[str],
+                  samples: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """Every tensor in ``names`` (graph inputs included) on every sample, in sample order."""
     feeds = {i.name for i in model.graph.input}
     inner = [n for n in names if n not in feeds]
@@ -70,26 +71,23 @@ def _bias_target(node: onnx.NodeProto, producers: dict, inits: dict):
     return "int", inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
 
 
-def _ancestors(model: onnx.ModelProto, layers: list[str]) -> dict[str, set[str]]:
-    """For each layer node name, the layer nodes upstream of it."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    memo: dict[str, set[str]] = {}
+def _upstream_masks(model: onnx.ModelProto, layers: list[str]) -> dict[str, int]:
+    """For each layer node name, a bit mask (bit i = ``layers[i]``) of the layer nodes upstream of it.
 
-    def up(node: onnx.NodeProto) -> set[str]:
-        if node.name in memo:
-            return memo[node.name]
-        memo[node.name] = set()  # guards against cycles in malformed graphs
-        found: set[str] = set()
+    One pass in graph order (ONNX graphs are topologically sorted), no recursion: deep graphs are fine.
+    """
+    bit = {name: 1 << i for i, name in enumerate(layers)}
+    reach: dict[str, int] = {}  # tensor -> layers upstream of it, including its producer
+    masks: dict[str, int] = {}
+    for node in model.graph.node:
+        up = 0
         for t in node.input:
-            p = producer.get(t)
-            if p is not None:
-                found |= up(p) | ({p.name} if p.name in layer_set else set())
-        memo[node.name] = found
-        return found
-
-    layer_set = set(layers)
-    by_name = {n.name: n for n in model.graph.node}
-    return {name: up(by_name[name]) for name in layers}
+            up |= reach.get(t, 0)
+        if node.name in bit:
+            masks[node.name] = up
+        for t in node.output:
+            reach[t] = up | bit.get(node.name, 0)
+    return masks
 
 
 def _apply_shift(target, shift: np.ndarray) -> np.ndarray | None:
@@ -102,7 +100,8 @@ def _apply_shift(target, shift: np.ndarray) -> np.ndarray | None:
         tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
         return new.astype(np.float64) - old.astype(np.float64)
     steps = np.rint(shift / np.where(scale > 0, scale, 1.0))
-    new = np.clip(old.astype(np.int64) + np.broadcast_to(steps, old.shape).astype(np.int64), INT32_MIN, INT32_MAX)
+    new = np.clip(old.astype(np.int64) + np.broadcast_to(steps, old.shape).astype(np.int64), INT32_MIN,
+                  INT32_MAX)
     tensor.CopyFrom(numpy_helper.from_array(new.astype(np.int32), tensor.name))
     return (new - old.astype(np.int64)) * np.broadcast_to(scale, old.shape)
 
@@ -118,31 +117,32 @@ def correct_biases(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto,
     producers = {o: n for n in qdq_model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     layers = {}
     for node in qdq_model.graph.node:
-        if node.name in float_nodes and node.op_type == float_nodes[node.name].op_type and _quantized_weight(node, producers, inits):
+        same = node.name in float_nodes and node.op_type == float_nodes[node.name].op_type
+        if same and _quantized_weight(node, producers, inits):
             target = _bias_target(node, producers, inits)
             if target is not None:
                 layers[node.name] = (node, target)
     if not layers:
         return {}
     names = list(layers)
-    float_means = {
-        name: channel_means(vals, layers[name][0].op_type)
-        for name, vals in zip(names, tensor_values(float_model, [float_nodes[n].output[0] for n in names], samples).values())
-    }
-    upstream = _ancestors(qdq_model, names)
+    float_out = {n: float_nodes[n].output[0] for n in names}
+    float_vals = tensor_values(float_model, list(float_out.values()), samples)
+    float_means = {n: channel_means(float_vals[float_out[n]], layers[n][0].op_type) for n in names}
+    upstream = _upstream_masks(qdq_model, names)
+    bit = {name: 1 << i for i, name in enumerate(names)}
     shifts: dict[str, np.ndarray] = {}
     pending = names
-    while pending:
+    while pending:  # one QDQ pass per wave
         outs = tensor_values(qdq_model, [layers[n][0].output[0] for n in pending], samples)
-        wave: list[str] = []
+        wave = 0
         for name in pending:
-            if upstream[name] & set(wave):
-                continue  # an upstream layer was just corrected: measure again first
+            if upstream[name] & wave:
+                continue  # a layer upstream was corrected in this wave: measure again first
             node, target = layers[name]
             diff = float_means[name] - channel_means(outs[node.output[0]], node.op_type)
             applied = _apply_shift(target, diff)
             if applied is not None:
                 shifts[name] = applied
-            wave.append(name)
-        pending = [n for n in pending if n not in wave]
+            wave |= bit[name]
+        pending = [n for n in pending if not wave & bit[n]]
     return shifts
