@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -30,6 +31,7 @@ from .encodings import write_encodings
 from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, StorageError, TrialFailed)
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from . import variants
+from .launch import calibration_ref, callable_ref
 from .objective import DETAILS, Objective, Scoring, Source, check_metric
 from .refine import Refiner
 from .report import save_csv, trials_frame
@@ -37,19 +39,19 @@ from .result import OptimizeResult
 from .select import SELECT_MODES, rank
 from .sensitivity import measure_sensitivity, rank_nodes
 from .space import KNOBS, SearchSpace
-from .study import count, create_or_load, open_storage, recover_stale_trials
+from .study import DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, open_storage, recover_stale_trials
 
 _log = logging.getLogger("autoquant")
 DELIVERED_MODEL = "quantized.onnx"
 DELIVERED_ENCODINGS = "quantized.encodings.json"
 STUDY_ATTRS = {
     "model_sha256", "fp32_size_bytes", "allowed_accuracy_drop", "drop_type", "higher_is_better", "search_space",
-    "stats_key", "prepared_model", "preparation", "seed", "baseline_accuracy",
+    "stats_key", "prepared_model", "preparation", "seed", "launch", "baseline_accuracy",
 }
 
 
 def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir, study_name) -> None:
+                select, output_dir, study_name, heartbeat_interval) -> None:
     if not callable(eval_callback):
         raise ConfigError(f"eval_callback must be a callable f(model_path: str) -> float, got {type(eval_callback).__name__}")
     if isinstance(allowed_accuracy_drop, bool) or not isinstance(allowed_accuracy_drop, numbers.Real) \
@@ -70,6 +72,9 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
         raise ConfigError(f"select must be one of {list(SELECT_MODES)}, got {select!r}")
     if not isinstance(output_dir, (str, os.PathLike)):
         raise ConfigError(f"output_dir must be a path, got {type(output_dir).__name__}")
+    if isinstance(heartbeat_interval, bool) or not isinstance(heartbeat_interval, numbers.Real) \
+            or not math.isfinite(heartbeat_interval) or heartbeat_interval <= 0:
+        raise ConfigError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
     if study_name is not None and (not isinstance(study_name, str) or not study_name.strip()):
         raise ConfigError(f"study_name must be a non-empty string or None, got {study_name!r}")
 
@@ -89,6 +94,21 @@ def _check_output_dir(output_dir: Path) -> None:
                 pass
         except OSError as exc:
             raise OutputDirError(f"output_dir {output_dir} is not writable: {exc}") from None
+
+
+@contextlib.contextmanager
+def _stage_lock(out: Path):
+    """An exclusive file lock per output_dir on this machine (workers on other machines that share the
+    folder compute identical statistics and write them atomically)."""
+    import fcntl
+
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"autoquant-{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_same_settings(name: str, attrs: dict, settings: dict) -> None:
@@ -203,6 +223,7 @@ def optimize(
     output_dir: str | os.PathLike = "autoquant_out",
     select: str = "smallest",
     show_progress: bool = True,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT,
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
@@ -214,17 +235,18 @@ def optimize(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar and warnings replace its INFO lines
     try:
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
-                         search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress)
+                         search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
+                         heartbeat_interval)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
-              show_progress) -> OptimizeResult:
+              show_progress, heartbeat_interval) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir, study_name)
+                select, output_dir, study_name, heartbeat_interval)
     space = SearchSpace.load(search_space)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -235,7 +257,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
     cache_dir = out / "cache"
 
-    models, statistics = _stage_inputs(proto, model_sha, calibration_data, space, cache_dir, show_progress)
+    with _stage_lock(out):  # workers starting together: the first prepares and collects, the others load
+        models, statistics = _stage_inputs(proto, model_sha, calibration_data, space, cache_dir, show_progress)
     prepared = models[variants.BASE]
     fp32_path = Path(model) if not isinstance(model, onnx.ModelProto) else cache_dir / f"fp32-{model_sha[:16]}.onnx"
     if isinstance(model, onnx.ModelProto) and not fp32_path.exists():
@@ -260,6 +283,11 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                 "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics[variants.BASE].key,
                 "prepared_model": str(prepared.path), "preparation": {v: m.steps for v, m in models.items()}, "seed": int(seed),
+                "launch": {  # what `autoquant worker` needs to join this study
+                    "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
+                    "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
+                    "n_trials": int(n_trials), "select": select, "heartbeat_interval": float(heartbeat_interval),
+                },
             })
             eval_calls += 1
         baseline = float(study.user_attrs["baseline_accuracy"])
@@ -268,14 +296,14 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
 
         ranked = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE  # the default variant
         fallback_order = _fallback_order(space, models[ranked], statistics[ranked], cache_dir)
-        recover_stale_trials(study, out / "trials")
+        recover_stale_trials(study, out / "trials", GRACE_FACTOR * heartbeat_interval)
         if not study.get_trials(deepcopy=False):
             study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
 
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
         objective = Objective(space=space, sources=_sources(models, statistics, cache_dir),
                               fallback_order=fallback_order, eval_callback=eval_callback, scoring=scoring,
-                              output_dir=out)
+                              output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval)
         _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
             raise NoCompletedTrialError(
@@ -327,23 +355,27 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
                 progress: bool) -> None:
-    """Run until the study holds n_trials COMPLETE trials, the timeout passes, or too many trials fail."""
+    """Run until the study holds n_trials COMPLETE trials (whoever runs them: this process or other
+    workers), the timeout passes, or this process saw too many trials fail."""
     from tqdm.auto import tqdm
 
-    done = count(study, TrialState.COMPLETE)
+    grace = GRACE_FACTOR * objective.heartbeat_interval
     failures_allowed = max(3, n_trials)  # a callback that always fails must not loop forever
+    done = count(study, TrialState.COMPLETE)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in the report, not logged
     try:
         with tqdm(total=n_trials, initial=done, desc="autoquant trials", unit="trial", disable=not progress) as bar:
-            while done < n_trials and failures_allowed > 0:
+            while done < n_trials and objective.failures < failures_allowed:
                 remaining_time = None if timeout is None else timeout - (time.perf_counter() - t_start)
                 if remaining_time is not None and remaining_time <= 0:
                     break
-                study.optimize(objective, n_trials=1, timeout=remaining_time, catch=(TrialFailed,))
+                recover_stale_trials(study, objective.trial_dir, grace)
+                if done + count(study, TrialState.RUNNING) >= n_trials:
+                    time.sleep(min(1.0, objective.heartbeat_interval))  # other workers hold the rest
+                else:
+                    study.optimize(objective, n_trials=1, timeout=remaining_time, catch=(TrialFailed,))
                 now = count(study, TrialState.COMPLETE)
-                if now == done:
-                    failures_allowed -= 1
                 bar.update(now - done)
                 done = now
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import tempfile
@@ -12,67 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import AutoQuantError, CalibrationDataError, ConfigError
-
-
-def load_callable(spec: str) -> Callable:
-    """'package.module:function' or 'path/to/file.py:function' -> the function."""
-    if ":" not in spec:
-        raise ConfigError(f"--eval must look like module:function or file.py:function, got {spec!r}")
-    mod_name, _, fn_name = spec.rpartition(":")
-    try:
-        if mod_name.endswith(".py"):
-            import importlib.util
-
-            path = Path(mod_name)
-            if not path.is_file():
-                raise ConfigError(f"--eval file {path} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.path.insert(0, str(path.parent.resolve()))
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"cannot import {mod_name!r} for --eval: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ConfigError(f"{mod_name!r} has no callable {fn_name!r}")
-    return fn
-
-
-def calibration_from_path(path: str, batch_size: int = 1):
-    """A directory of .npz files (one feed each, sorted by name) or one .npz whose arrays are split
-    along axis 0 into feeds of ``batch_size`` samples. Returns a callable giving a fresh iterator."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.npz"))
-        if not files:
-            raise CalibrationDataError(f"--calib directory {p} holds no .npz files")
-
-        def feeds():
-            for f in files:
-                with np.load(f) as z:
-                    yield {k: z[k] for k in z.files}
-
-        return feeds
-    if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
-            sizes = {k: z[k].shape[0] if z[k].ndim else 0 for k in z.files}
-        if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
-            raise CalibrationDataError(f"--calib {p}: every array needs the same number of samples on axis 0, got {sizes}")
-        n = next(iter(sizes.values()))
-
-        def feeds():
-            with np.load(p) as z:
-                arrays = {k: z[k] for k in z.files}
-            for i in range(0, n, batch_size):
-                yield {k: v[i : i + batch_size] for k, v in arrays.items()}
-
-        return feeds
-    raise CalibrationDataError(f"--calib must be a directory of .npz files or one .npz file, got {path}")
+from .errors import AutoQuantError, ConfigError
+from .launch import calibration_from_path, load_callable
 
 
 def _cmd_optimize(args) -> int:
@@ -83,7 +23,7 @@ def _cmd_optimize(args) -> int:
         allowed_accuracy_drop=args.drop, drop_type=args.drop_type, higher_is_better=not args.lower_is_better,
         search_space=args.space, n_trials=args.n_trials, timeout=args.timeout, seed=args.seed,
         storage=args.storage, study_name=args.study_name, output_dir=args.output_dir, select=args.select,
-        show_progress=not args.quiet,
+        show_progress=not args.quiet, heartbeat_interval=args.heartbeat,
     )
     print(result.summary())
     return 0 if result.feasible else 3
@@ -126,6 +66,15 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_worker(args) -> int:
+    from .worker import run_worker
+
+    result = run_worker(args.storage, args.study, n_trials=args.n_trials, timeout=args.timeout,
+                        show_progress=not args.quiet)
+    print(result.summary())
+    return 0 if result.feasible else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="autoquant", description="Automatic quantization search for ONNX models.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -146,8 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--study-name", default=None)
     o.add_argument("--output-dir", default="autoquant_out")
     o.add_argument("--select", choices=["smallest", "most_accurate"], default="smallest")
+    o.add_argument("--heartbeat", type=float, default=10.0,
+                   help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=_cmd_optimize)
+
+    w = sub.add_parser("worker", help="join a study created by `autoquant optimize` and run its trials")
+    w.add_argument("--storage", required=True,
+                   help="Optuna storage URL of the study: journal:///path/study.log, sqlite:///..., postgresql://...")
+    w.add_argument("--study", required=True, help="study name (printed by optimize, in output_dir/autoquant.json)")
+    w.add_argument("--n-trials", type=int, default=None, help="total trials (default: the study's)")
+    w.add_argument("--timeout", type=float, default=None)
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=_cmd_worker)
 
     r = sub.add_parser("report", help="print the Pareto table of a study in an output dir")
     r.add_argument("output_dir")

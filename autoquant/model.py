@@ -1,8 +1,14 @@
 """Loading, validating, hashing and preparing the float model.
 
-Preparation is kept small in this module: opset upgrade to >= 13 (per-channel QDQ needs it), ONNX Runtime's
-own ``quant_pre_process`` (symbolic shape inference; its graph optimisation is left to the searched
-variants, see autoquant.variants), and a record of every step so the user can see what was changed.
+Preparation: the graph clean-ups of autoquant.prepare (constant If folding, Constant -> initializer),
+opset upgrade to >= 13 (per-channel QDQ needs it), ONNX Runtime's own ``quant_pre_process`` (symbolic
+shape inference; its graph optimisation is left to the searched variants, see autoquant.variants), node
+naming, and a record of every step plus a PreparationReport so the user can see what was changed and what
+stays float.
+
+External data: a model file's external data is loaded from the model's folder only (locations outside it
+are refused). The prepared model is one .onnx file, unless it is larger than LARGE_MODEL_BYTES: then its
+tensors go to ``<name>.onnx.data`` next to it (protobuf cannot hold 2 GB in one file).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ._io import atomic_write, sha256_bytes
+from ._io import atomic_write, sha256_bytes, sha256_file
 from .errors import ModelError
+from .prepare import PreparationReport, check_external_data, external_tensors, prepare_graph, quantizable_summary
 
 MIN_OPSET = 13
+LARGE_MODEL_BYTES = int(1.5 * 2**30)  # above this the prepared model's tensors are written as external data
 
 #: ops whose quantization changes arithmetic (fallback / sensitivity candidates). Pure data movement
 #: (Reshape, Transpose, MaxPool, ...) and removable activations (Relu, Clip) follow their producer.
@@ -44,9 +52,10 @@ class PreparedModel:
     sha256: str
     input_specs: dict[str, tuple[int, tuple]]  # name -> (elem_type, shape with None for dynamic dims)
     steps: list[str] = field(default_factory=list)
+    report: PreparationReport | None = None  # set by prepare_model (None when read back from a cache)
 
     def load(self) -> onnx.ModelProto:
-        return onnx.load(str(self.path))
+        return onnx.load(str(self.path))  # external data, if any, is read from the model's folder
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -61,21 +70,36 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise ModelError(f"model file {path} does not exist: pass the path of a float .onnx model")
         if not path.is_file():
             raise ModelError(f"model path {path} is not a file: pass the path of a float .onnx model")
-        try:
-            proto = onnx.load(str(path))
-        except Exception as exc:  # protobuf DecodeError, external-data errors, ...
-            raise ModelError(
-                f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
-                "check that the file is a complete .onnx export"
-            ) from None
+        proto = _load_file(path)
     else:
         raise ModelError(f"`model` must be a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}")
+    if unloaded := next(external_tensors(proto), None):
+        raise ModelError(f"{where} refers to external data not loaded (tensor {unloaded[0]!r} in {unloaded[1]!r}): "
+                         "pass the model's path instead, or load it with onnx.load(path) which reads the data")
     if not proto.graph.node:
         raise ModelError(f"{where} has an empty graph (no nodes): it is not a model that can be quantized")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelError(f"{where} fails onnx.checker ({exc}); fix the export before quantizing") from None
+    return proto
+
+
+def _load_file(path: Path) -> onnx.ModelProto:
+    """Read ``path``; its external data only from files inside the model's folder (checked before reading)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, ...
+        raise ModelError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "check that the file is a complete .onnx export"
+        ) from None
+    check_external_data(proto, path.parent)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"the external data of {path} cannot be read ({type(exc).__name__}: {exc}); "
+                         "check that the data files next to the model are complete") from None
     return proto
 
 
@@ -99,39 +123,82 @@ def input_specs(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
     return specs
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+def _byte_size(proto: onnx.ModelProto) -> int:
+    try:
+        return proto.ByteSize()
+    except Exception:  # protobuf refuses messages over 2 GB
+        return 2**31
 
 
-def prepare_model(proto: onnx.ModelProto, out_path: Path) -> PreparedModel:
-    """Write the prepared float model to ``out_path`` and return what was done."""
-    steps: list[str] = []
+def _save(proto: onnx.ModelProto, path: Path) -> Path | None:
+    """One .onnx file, or ``path`` + ``<name>.data`` next to it when the model exceeds LARGE_MODEL_BYTES.
+
+    Returns the external data file, if one was written. Writing external data moves the tensors out of
+    ``proto`` (onnx.save does): do not reuse it afterwards.
+    """
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # a stale one; onnx.save would also append to it
+    if _byte_size(proto) <= LARGE_MODEL_BYTES:
+        atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+        return None
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                                            location=data.name, size_threshold=1024))
+    return data
+
+
+def _model_sha256(path: Path, data: Path | None) -> str:
+    """Hash of the model file, and of its external data file when there is one."""
+    if data is None:
+        return sha256_file(path)
+    return sha256_bytes(sha256_file(path).encode(), sha256_file(data).encode())
+
+
+def _upgrade_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     opset = model_opset(proto)
-    if opset < MIN_OPSET:
-        try:
-            proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
-            steps.append(f"opset upgraded {opset} -> {MIN_OPSET}")
-        except Exception as exc:
-            raise ModelError(f"model opset {opset} < {MIN_OPSET} and the upgrade failed ({exc})") from None
+    if opset >= MIN_OPSET:
+        return proto, []
+    try:
+        return onnx.version_converter.convert_version(proto, MIN_OPSET), [f"opset upgraded {opset} -> {MIN_OPSET}"]
+    except Exception as exc:
+        raise ModelError(f"model opset {opset} < {MIN_OPSET} and the upgrade failed ({exc}); "
+                         f"re-export the model with opset >= {MIN_OPSET}") from None
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """ORT's quant_pre_process (symbolic shape inference), or ONNX shape inference if it fails."""
     with tempfile.TemporaryDirectory(prefix="autoquant-prep-") as tmp:
         src, dst = Path(tmp, "in.onnx"), Path(tmp, "out.onnx")
-        onnx.save(proto, str(src))
+        large = _byte_size(proto) > LARGE_MODEL_BYTES
+        _save(proto, src)
         try:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             # ORT's graph optimisation is skipped: it would fold BatchNorm, which is a searched knob here
             # (autoquant.variants / techniques.bn_fold).
-            quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=False)
-            prepared = onnx.load(str(dst))
-            onnx.checker.check_model(prepared)
-            steps.append("onnxruntime quant_pre_process (symbolic shape inference)")
+            quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=False,
+                              save_as_external_data=large, all_tensors_to_one_file=True,
+                              external_data_location=f"{dst.name}.data")
+            onnx.checker.check_model(str(dst))
+            return onnx.load(str(dst)), ["onnxruntime quant_pre_process (symbolic shape inference)"]
         except Exception as exc:  # fall back to plain ONNX shape inference: still quantizable
             _log.warning("quant_pre_process failed (%s); using ONNX shape inference only", exc)
-            prepared = onnx.shape_inference.infer_shapes(proto)
-            steps.append(f"onnx shape inference (quant_pre_process failed: {type(exc).__name__})")
-    _save(prepared, out_path)
-    data = out_path.read_bytes()
-    return PreparedModel(out_path, sha256_bytes(data), input_specs(prepared), steps)
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+            return onnx.load(str(dst)), [f"onnx shape inference (quant_pre_process failed: {type(exc).__name__})"]
+
+
+def prepare_model(proto: onnx.ModelProto, out_path: Path) -> PreparedModel:
+    """Write the prepared float model to ``out_path`` and return what was done (``report``: what stays float)."""
+    proto, steps = prepare_graph(proto)
+    proto, more = _upgrade_opset(proto)
+    steps += more
+    prepared, more = _infer_shapes(proto)
+    steps += more
+    if named := ensure_node_names(prepared):
+        steps.append(f"named {named} unnamed nodes")
+    report = quantizable_summary(prepared, steps)
+    specs = input_specs(prepared)
+    data = _save(prepared, out_path)
+    return PreparedModel(out_path, _model_sha256(out_path, data), specs, steps, report)
 
 
 def compute_nodes(proto: onnx.ModelProto) -> list[str]:

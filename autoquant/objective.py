@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 import onnxruntime as ort
+from optuna.trial import TrialState
 
 from ._io import sha256_file
 from .build import RangeCache, build_qdq_model
@@ -19,7 +20,7 @@ from .errors import TrialFailed
 from .refine import Refiner
 from .space import SearchSpace
 from .variants import variant_of
-from .study import OWNER_ATTR, owner_id, trial_file_name
+from .study import OWNER_ATTR, Heartbeat, owner_id, trial_file_name
 
 
 def check_metric(value: Any, what: str) -> float:
@@ -67,22 +68,37 @@ class Objective:
     """The callable handed to ``study.optimize``. Returns (accuracy, model bytes)."""
 
     def __init__(self, *, space: SearchSpace, sources: dict[str, Source], fallback_order: list[str],
-                 eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path):
+                 eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
+                 heartbeat_interval: float):
         self.space, self.sources, self.fallback_order = space, sources, fallback_order
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
+        self.n_trials, self.heartbeat_interval = n_trials, heartbeat_interval
         self.trial_dir = output_dir / "trials"
         self.eval_calls = 0
+        self.failures = 0
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr(OWNER_ATTR, owner_id())
+        self._check_budget(trial)
         t0 = time.perf_counter()
         path = self.trial_dir / trial_file_name(trial.number)
         try:
-            return self._run(trial, path, t0)
+            with Heartbeat(trial.study, trial._trial_id, self.heartbeat_interval):
+                return self._run(trial, path, t0)
         except TrialFailed as exc:
+            self.failures += 1
             trial.set_user_attr("fail_reason", str(exc))
             path.unlink(missing_ok=True)
             raise
+
+    def _check_budget(self, trial: optuna.Trial) -> None:
+        """With many workers, trials started at the same moment may exceed n_trials: the lowest
+        numbers go on, the others are pruned before any work."""
+        active = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        ahead = sum(t.state == TrialState.COMPLETE or t.number < trial.number for t in active if t.number != trial.number)
+        if ahead >= self.n_trials:
+            trial.set_user_attr("fail_reason", f"study already has {self.n_trials} trials complete or running")
+            raise optuna.TrialPruned()
 
     def _run(self, trial: optuna.Trial, path: Path, t0: float) -> tuple[float, float]:
         config = self.space.suggest(trial, len(self.fallback_order))
@@ -137,7 +153,7 @@ class Objective:
         return accuracy, float(size)
 
     def _identical_completed_trial(self, trial: optuna.Trial, sha: str):
-        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             d = t.user_attrs.get(DETAILS, {})
             if d.get("sha256") == sha and "reused_from" not in d:
                 return t

@@ -1,10 +1,18 @@
-"""The Optuna study: storage, creation / resume, crash recovery, the enqueued baseline."""
+"""The Optuna study: storage, creation / resume, heartbeats and recovery of trials whose process died.
+
+Storages are Optuna's own: SQLite (default), any RDB URL (PostgreSQL for many machines) and
+JournalStorage with a file backend (``journal:///path/to/study.log``, many processes on one machine).
+Optuna's heartbeat exists only for RDB storages, so a trial's liveness is recorded here, the same way
+for every storage: the owning process (host:pid) and a heartbeat time in the trial's user attributes.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +25,10 @@ from ._io import pid_alive
 from .errors import StorageError
 
 OWNER_ATTR = "owner"
+HEARTBEAT_ATTR = "heartbeat"
+DEFAULT_HEARTBEAT = 10.0  # seconds; a RUNNING trial silent for GRACE_FACTOR x this is failed and retried
+GRACE_FACTOR = 3.0
+JOURNAL_SCHEME = "journal:///"
 _log = logging.getLogger("autoquant")
 
 
@@ -31,6 +43,13 @@ def open_storage(storage: str | BaseStorage | None, output_dir: Path) -> BaseSto
     if storage is None:
         url = f"sqlite:///{(output_dir / 'study.db').resolve()}"
         return _fast_sqlite(RDBStorage(url))
+    if isinstance(storage, str) and storage.startswith(JOURNAL_SCHEME):
+        path = Path("/" + storage[len(JOURNAL_SCHEME):].lstrip("/"))
+        if not path.parent.is_dir():
+            raise StorageError(f"journal storage {storage!r}: folder {path.parent} does not exist; create it first")
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if isinstance(storage, str):
         url = storage
     else:
@@ -79,26 +98,62 @@ def create_or_load(storage: BaseStorage, name: str, higher_is_better: bool, seed
         raise StorageError(f"study {name!r} exists in the storage with different settings: {exc}") from None
 
 
-def is_stale(trial: optuna.trial.FrozenTrial) -> bool:
-    """A RUNNING trial whose owning process on this host is gone (killed, crashed)."""
+class Heartbeat:
+    """Context manager: writes the trial's heartbeat time every ``interval`` seconds from a thread."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
+        self._storage, self._trial_id, self._interval = study._storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="autoquant-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception:  # the trial finished meanwhile, or the storage hiccupped: the next beat retries
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._storage.set_trial_user_attr(self._trial_id, HEARTBEAT_ATTR, time.time())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def is_stale(trial: optuna.trial.FrozenTrial, grace: float, now: float | None = None) -> bool:
+    """A RUNNING trial whose process is gone: dead pid on this host, or no heartbeat for ``grace`` s."""
+    now = time.time() if now is None else now
     owner = trial.user_attrs.get(OWNER_ATTR)
-    if owner is None:
-        return True  # killed between trial creation and the first attribute write
+    if owner is None:  # killed between trial creation and its first attribute write
+        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+        return now - started > grace
     host, _, pid = owner.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
+        if not pid_alive(int(pid)):
+            return True
+    beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+    return beat is not None and now - float(beat) > grace
 
 
-def recover_stale_trials(study: optuna.Study, trial_dir: Path | None = None) -> list[int]:
-    """Fail RUNNING trials left by a dead process, re-enqueue their configs, delete their partial model
-    files (``trial_dir``). Returns their numbers."""
+def recover_stale_trials(study: optuna.Study, trial_dir: Path | None = None,
+                         grace: float = GRACE_FACTOR * DEFAULT_HEARTBEAT) -> list[int]:
+    """Fail RUNNING trials whose process died, re-enqueue their configs, delete their partial model
+    files (``trial_dir``). Safe with many workers: only the worker whose FAIL write succeeds re-queues.
+    Returns the recovered trial numbers."""
     storage = study._storage
-    waiting = [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    waiting = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t):
+        if not is_stale(t, grace):
             continue
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial was running")
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial was running")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except Exception:  # another worker finished or failed it first
+            continue
         if trial_dir is not None:
             (trial_dir / trial_file_name(t.number)).unlink(missing_ok=True)
         params = dict(t.system_attrs.get("fixed_params", {}))
@@ -108,7 +163,7 @@ def recover_stale_trials(study: optuna.Study, trial_dir: Path | None = None) -> 
             waiting.append(params)
         recovered.append(t.number)
     if recovered:
-        _log.warning("resumed study %s: trials %s were left RUNNING by a dead process; marked FAIL and re-queued",
+        _log.warning("study %s: trials %s were left RUNNING by a dead process; marked FAIL and re-queued",
                      study.study_name, recovered)
     return recovered
 
