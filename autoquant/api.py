@@ -51,7 +51,7 @@ STUDY_ATTRS = {
 
 
 def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir, study_name, heartbeat_interval) -> None:
+                select, output_dir, study_name, heartbeat_interval, eval_timeout) -> None:
     if not callable(eval_callback):
         raise ConfigError(f"eval_callback must be a callable f(model_path: str) -> float, got {type(eval_callback).__name__}")
     if isinstance(allowed_accuracy_drop, bool) or not isinstance(allowed_accuracy_drop, numbers.Real) \
@@ -72,6 +72,9 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
         raise ConfigError(f"select must be one of {list(SELECT_MODES)}, got {select!r}")
     if not isinstance(output_dir, (str, os.PathLike)):
         raise ConfigError(f"output_dir must be a path, got {type(output_dir).__name__}")
+    if eval_timeout is not None and (isinstance(eval_timeout, bool) or not isinstance(eval_timeout, numbers.Real)
+                                     or not math.isfinite(eval_timeout) or eval_timeout <= 0):
+        raise ConfigError(f"eval_timeout must be None or a number of seconds > 0, got {eval_timeout!r}")
     if isinstance(heartbeat_interval, bool) or not isinstance(heartbeat_interval, numbers.Real) \
             or not math.isfinite(heartbeat_interval) or heartbeat_interval <= 0:
         raise ConfigError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
@@ -224,6 +227,7 @@ def optimize(
     select: str = "smallest",
     show_progress: bool = True,
     heartbeat_interval: float = DEFAULT_HEARTBEAT,
+    eval_timeout: float | None = None,
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
@@ -236,17 +240,17 @@ def optimize(
     try:
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
                          search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
-                         heartbeat_interval)
+                         heartbeat_interval, eval_timeout)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
-              show_progress, heartbeat_interval) -> OptimizeResult:
+              show_progress, heartbeat_interval, eval_timeout) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir, study_name, heartbeat_interval)
+                select, output_dir, study_name, heartbeat_interval, eval_timeout)
     space = SearchSpace.load(search_space)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -287,6 +291,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                     "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
                     "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
                     "n_trials": int(n_trials), "select": select, "heartbeat_interval": float(heartbeat_interval),
+                    "eval_timeout": eval_timeout,
                 },
             })
             eval_calls += 1
@@ -303,7 +308,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
         objective = Objective(space=space, sources=_sources(models, statistics, cache_dir),
                               fallback_order=fallback_order, eval_callback=eval_callback, scoring=scoring,
-                              output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval)
+                              output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
+                              eval_timeout=eval_timeout)
         _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
             raise NoCompletedTrialError(

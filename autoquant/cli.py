@@ -23,7 +23,7 @@ def _cmd_optimize(args) -> int:
         allowed_accuracy_drop=args.drop, drop_type=args.drop_type, higher_is_better=not args.lower_is_better,
         search_space=args.space, n_trials=args.n_trials, timeout=args.timeout, seed=args.seed,
         storage=args.storage, study_name=args.study_name, output_dir=args.output_dir, select=args.select,
-        show_progress=not args.quiet, heartbeat_interval=args.heartbeat,
+        show_progress=not args.quiet, heartbeat_interval=args.heartbeat, eval_timeout=args.eval_timeout,
     )
     print(result.summary())
     return 0 if result.feasible else 3
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--study-name", default=None)
     o.add_argument("--output-dir", default="autoquant_out")
     o.add_argument("--select", choices=["smallest", "most_accurate"], default="smallest")
+    o.add_argument("--eval-timeout", type=float, default=None,
+                   help="seconds one eval may take; a slower trial is marked FAIL (default: no limit)")
     o.add_argument("--heartbeat", type=float, default=10.0,
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried")
     o.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,29 @@ def check_metric(value: Any, what: str) -> float:
     if not math.isfinite(value):
         raise TrialFailed(f"{what} returned {value}; it must return a finite number")
     return value
+
+
+def call_with_timeout(fn: Callable[[str], Any], arg: str, timeout: float | None) -> Any:
+    """``fn(arg)``, or TimeoutError after ``timeout`` seconds. Python cannot stop a running function, so
+    a call that times out keeps running in a daemon thread; its result is ignored."""
+    if timeout is None:
+        return fn(arg)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(arg)
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="autoquant-eval", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @dataclass
@@ -69,10 +93,10 @@ class Objective:
 
     def __init__(self, *, space: SearchSpace, sources: dict[str, Source], fallback_order: list[str],
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
-                 heartbeat_interval: float):
+                 heartbeat_interval: float, eval_timeout: float | None = None):
         self.space, self.sources, self.fallback_order = space, sources, fallback_order
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
-        self.n_trials, self.heartbeat_interval = n_trials, heartbeat_interval
+        self.n_trials, self.heartbeat_interval, self.eval_timeout = n_trials, heartbeat_interval, eval_timeout
         self.trial_dir = output_dir / "trials"
         self.eval_calls = 0
         self.failures = 0
@@ -132,7 +156,9 @@ class Objective:
             self.eval_calls += 1
             t1 = time.perf_counter()
             try:
-                value = self.eval_callback(str(path))
+                value = call_with_timeout(self.eval_callback, str(path), self.eval_timeout)
+            except TimeoutError:
+                raise TrialFailed(f"eval_callback took longer than eval_timeout={self.eval_timeout} s") from None
             except Exception as exc:
                 raise TrialFailed(f"eval_callback raised {type(exc).__name__}: {exc}") from None
             finally:

@@ -119,6 +119,20 @@ class SearchSpace:
             raise _err(name, f"unknown knob(s) {bad}; known knobs: {sorted(KNOBS)}")
         self.name = str(spec.get("name", name))
         self.domains: dict[str, Domain] = {k: _domain(name, k, v) for k, v in knobs.items()}
+        self._check_consistent(name)
+
+    def _check_consistent(self, name: str) -> None:
+        """Knobs that can never take effect are a mistake in the file, not something to ignore."""
+        def possible(knob: str) -> tuple:
+            dom = self.domains.get(knob)
+            return (KNOBS[knob].default,) if dom is None else (dom.values or ())
+
+        if "percentile" in self.domains and "percentile" not in possible("calibration"):
+            raise _err(name, "knob 'percentile' is set but 'calibration' never takes 'percentile'; add percentile "
+                             "to calibration or drop the percentile knob")
+        if "bn_fold" in self.domains and False not in possible("cle"):
+            raise _err(name, "knob 'bn_fold' is set but 'cle' is always true (CLE always folds BatchNorm); "
+                             "drop bn_fold or allow cle: false")
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod

@@ -299,6 +299,10 @@ def test_bad_feed_leaves_an_existing_empty_output_dir_empty(task, out):
         ({"seed": 1.5}, ("seed", "integer", "1.5")),
         ({"select": "best"}, ("select", "smallest", "most_accurate", "'best'")),
         ({"output_dir": 5}, ("output_dir", "path", "int")),
+        ({"eval_timeout": 0}, ("eval_timeout", "> 0", "0")),
+        ({"eval_timeout": "5"}, ("eval_timeout", "seconds", "'5'")),
+        ({"heartbeat_interval": -1}, ("heartbeat_interval", "> 0", "-1")),
+        ({"study_name": 5}, ("study_name", "string", "5")),
     ],
     ids=lambda v: "-".join(f"{k}={v[k]!r}" for k in v) if isinstance(v, dict) else "",
 )
@@ -455,6 +459,29 @@ def test_callback_failing_on_every_quantized_model(task, out, bad, needles):
     # the study went on after the first failure (it did not stop at trial 0), and stopped eventually
     assert len(cb.paths) >= 3, f"only {len(cb.paths)} calls; the study stopped after the first failed trial: {exc}"
     assert_only_complete_files(out, ALLOWED_AFTER_FAILED_STUDY)  # no trial model, nothing delivered
+
+
+def test_slow_callback_hits_eval_timeout(task, out):
+    import time
+
+    def slow(path):
+        if Path(path) != task.model_path:
+            time.sleep(3.0)
+        return task.evaluate(path)
+
+    t0 = time.monotonic()
+    exc = expect(NoCompletedTrialError, ("eval_timeout=0.3",), **_kwargs(task, out, eval_callback=slow, n_trials=1,
+                                                                      eval_timeout=0.3))
+    assert time.monotonic() - t0 < 12, exc  # 3 failed trials x 0.3 s, not 3 x 3 s
+
+
+@pytest.mark.parametrize("knobs, needles", [
+    ({"calibration": ["minmax", "mse"], "percentile": [99.9]}, ("percentile", "never takes")),
+    ({"cle": True, "bn_fold": [True, False]}, ("bn_fold", "cle", "always")),
+], ids=["percentile-without-percentile-calibration", "bn_fold-with-cle-always-on"])
+def test_contradictory_space(task, out, knobs, needles):
+    expect(SearchSpaceError, needles, **_kwargs(task, out, search_space={"knobs": knobs}))
+    assert_not_created(out)
 
 
 def test_callback_deleting_the_model_file_fails_the_trial(task, out):
