@@ -28,7 +28,9 @@ from ._io import atomic_copy, atomic_write, atomic_write_json, remove_stale_tmp,
 from .build import RangeCache
 from .data import CalibrationSource
 from .encodings import write_encodings
-from .errors import (AutoQuantError, ConfigError, NoCompletedTrialError, OutputDirError, StorageError, TrialFailed)
+from .errors import (AutoQuantError, ConfigError, ModelError, NoCompletedTrialError, OutputDirError, StorageError,
+                     TrialFailed)
+from .prepare import quantizable_summary
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from . import variants
 from .launch import calibration_ref, callable_ref
@@ -128,7 +130,8 @@ def _study_name(model_sha: str, space: SearchSpace, drop: float, drop_type: str,
 
 
 def _prepare(proto: onnx.ModelProto, model_sha: str, cache_dir: Path, work: Path) -> PreparedModel:
-    """Prepared base model from the cache, or prepared now into ``work`` (copied to the cache by the caller)."""
+    """Prepared base model from the cache, or prepared now into ``work`` (copied to the cache by the caller).
+    Raises ModelError when nothing in the model can be quantized (no trial could change anything)."""
 
     def make() -> tuple[onnx.ModelProto, list[str]]:
         named = onnx.ModelProto()
@@ -137,10 +140,14 @@ def _prepare(proto: onnx.ModelProto, model_sha: str, cache_dir: Path, work: Path
         prepared = prepare_model(named, work / "prepare.tmp.onnx")
         p = prepared.load()
         prepared.path.unlink()
-        ensure_node_names(p)  # shape inference may add unnamed nodes
         return p, steps + prepared.steps
 
-    return variants.cached_model(cache_dir, work, f"prepared-{model_sha[:16]}", make)
+    prepared = variants.cached_model(cache_dir, work, f"prepared-{model_sha[:16]}", make)
+    prepared.report = quantizable_summary(prepared.load(), prepared.steps)
+    if prepared.report.n_quantizable == 0:
+        raise ModelError(f"{prepared.report.warning}; autoquant has nothing to search (float nodes: "
+                         f"{prepared.report.float_op_counts()})")
+    return prepared
 
 
 def _variants_needed(space: SearchSpace) -> list[str]:
@@ -286,7 +293,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                 "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                 "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics[variants.BASE].key,
-                "prepared_model": str(prepared.path), "preparation": {v: m.steps for v, m in models.items()}, "seed": int(seed),
+                "prepared_model": str(prepared.path), "preparation": {**prepared.report.to_dict(), "variants": {v: m.steps for v, m in models.items()}}, "seed": int(seed),
                 "launch": {  # what `autoquant worker` needs to join this study
                     "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
                     "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
@@ -424,6 +431,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         encodings_path=str(enc_path), size_bytes=int(a["size_bytes"]),
         fp32_size_bytes=int(study.user_attrs["fp32_size_bytes"]), study=study, output_dir=str(out),
         higher_is_better=higher_is_better, float_nodes=list(details["float_nodes"]),
+        preparation=dict(study.user_attrs.get("preparation", {})),
     )
     save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
     atomic_write_json(out / "result.json", {

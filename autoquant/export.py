@@ -30,6 +30,10 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from ._io import atomic_write, atomic_write_json
 from .build import OPSET_FOR_LOW_OR_WIDE_BITS, weight_channel_axes
@@ -284,8 +288,6 @@ def _read_encodings(path: str | Path) -> tuple[dict[str, _Enc], dict[str, _Enc]]
 
 def _override(name: str, enc: _Enc, signed: bool, axis: int | None = None) -> list[dict[str, Any]]:
     """ORT TensorQuantOverrides entry with explicit quant_type, scale and zero point (one dict per channel)."""
-    from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
-
     shift = 2 ** (enc.bw - 1) if signed else 0
     zps = [-o - shift for o in enc.offset]
     lo, hi = (-shift, shift - 1) if signed else (0, 2**enc.bw - 1)
@@ -339,8 +341,6 @@ def _nodes_to_quantize(model: onnx.ModelProto, acts: set[str], params: set[str],
     weight of a Conv / Gemm / MatMul have encodings. A Relu / Clip after a quantized node may stand in
     for its input, which ORT removes when activations are affine. Iterated, since excluding a node can
     disqualify its neighbours. (Other initializers are checked on the built model.)"""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     floats, outputs = _float_tensors(model), {o.name for o in g.output}
@@ -382,11 +382,9 @@ def _most_common(types: list, default):
 def _quantize(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], overrides: dict[str, list[dict]],
               exclude: list[str], symmetric_activations: bool) -> onnx.ModelProto:
     """``quantize_static`` with the given calibration ranges, overrides and excluded nodes."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-
-    tensors = TensorsData(CalibrationMethod.MinMax, {
-        k: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32)) for k, (lo, hi) in ranges.items()})
+    tensors = TensorsData(CalibrationMethod.MinMax, {k: TensorData(lowest=np.array(lo, np.float32),
+                                                                   highest=np.array(hi, np.float32))
+                                                     for k, (lo, hi) in ranges.items()})
     root = logging.getLogger()
     level = root.level
     with tempfile.TemporaryDirectory(prefix="autoquant-import-") as tmp:

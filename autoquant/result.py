@@ -29,6 +29,7 @@ class OptimizeResult:
     higher_is_better: bool = True
     eval_calls: int = 0  # calls of eval_callback made by this optimize() call (baseline included)
     float_nodes: list[str] = field(default_factory=list)
+    preparation: dict[str, Any] = field(default_factory=dict)  # steps, quantizable count, nodes kept float + why
 
     @property
     def size_ratio(self) -> float:

@@ -461,6 +461,22 @@ def test_callback_failing_on_every_quantized_model(task, out, bad, needles):
     assert_only_complete_files(out, ALLOWED_AFTER_FAILED_STUDY)  # no trial model, nothing delivered
 
 
+def test_model_with_nothing_quantizable(out, tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Exp", ["x"], ["y"], name="exp")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "exp.onnx"
+    onnx.save(model, str(path))
+    feeds = [{"x": np.ones((2, 4), np.float32)}]
+    expect(ModelError, ("nothing in this model can be quantized", "Exp"), model=str(path), calibration_data=feeds,
+           eval_callback=lambda p: 1.0, output_dir=out, show_progress=False)
+    assert_not_created(out)
+
+
 def test_slow_callback_hits_eval_timeout(task, out):
     import time
 

@@ -38,6 +38,14 @@ def test_feasible_and_reported_accuracy_is_the_delivered_files(result, demo):
     ort.InferenceSession(result.model_path, providers=["CPUExecutionProvider"])
 
 
+def test_preparation_report(result):
+    prep = result.preparation
+    assert prep["n_quantizable"] >= 4 and prep["warning"] is None
+    assert any("shape inference" in step for step in prep["steps"])
+    assert set(prep["variants"]) >= {"base", "bn_fold", "cle"}
+    assert prep["float_nodes"] == {}  # every op of the demo CNN is handled by ORT's quantizer
+
+
 def test_delivered_is_smallest_feasible(result):
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE" and t.user_attrs["feasible"]]
     assert result.size_bytes == min(t.user_attrs["size_bytes"] for t in complete)
