@@ -34,7 +34,8 @@ from .prepare import quantizable_summary
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from . import variants
 from .launch import calibration_ref, callable_ref
-from .objective import DETAILS, Objective, Scoring, Source, check_metric
+from .cost import latency_feed, macs_per_node, measure_latency_ms
+from .objective import DETAILS, OBJECTIVES, LatencyProbe, Objective, Scoring, Source, check_metric
 from .refine import Refiner
 from .report import save_csv, trials_frame
 from .result import OptimizeResult
@@ -48,12 +49,13 @@ DELIVERED_MODEL = "quantized.onnx"
 DELIVERED_ENCODINGS = "quantized.encodings.json"
 STUDY_ATTRS = {
     "model_sha256", "fp32_size_bytes", "allowed_accuracy_drop", "drop_type", "higher_is_better", "search_space",
-    "stats_key", "prepared_model", "preparation", "seed", "launch", "baseline_accuracy",
+    "objective", "stats_key", "prepared_model", "preparation", "seed", "launch", "baseline_accuracy",
 }
 
 
 def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir, study_name, heartbeat_interval, eval_timeout) -> None:
+                select, output_dir, study_name, heartbeat_interval, eval_timeout, objective,
+                measure_latency) -> None:
     if not callable(eval_callback):
         raise ConfigError(f"eval_callback must be a callable f(model_path: str) -> float, got {type(eval_callback).__name__}")
     if isinstance(allowed_accuracy_drop, bool) or not isinstance(allowed_accuracy_drop, numbers.Real) \
@@ -74,6 +76,12 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
         raise ConfigError(f"select must be one of {list(SELECT_MODES)}, got {select!r}")
     if not isinstance(output_dir, (str, os.PathLike)):
         raise ConfigError(f"output_dir must be a path, got {type(output_dir).__name__}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if not isinstance(measure_latency, bool):
+        raise ConfigError(f"measure_latency must be True or False, got {measure_latency!r}")
+    if (objective == "latency" or select == "fastest") and not measure_latency:
+        raise ConfigError("objective='latency' / select='fastest' need measure_latency=True")
     if eval_timeout is not None and (isinstance(eval_timeout, bool) or not isinstance(eval_timeout, numbers.Real)
                                      or not math.isfinite(eval_timeout) or eval_timeout <= 0):
         raise ConfigError(f"eval_timeout must be None or a number of seconds > 0, got {eval_timeout!r}")
@@ -124,8 +132,8 @@ def _check_same_settings(name: str, attrs: dict, settings: dict) -> None:
                                "pass another study_name or output_dir to start a new study")
 
 
-def _study_name(model_sha: str, space: SearchSpace, drop: float, drop_type: str, higher: bool) -> str:
-    h = sha256_bytes(f"{model_sha}|{space.fingerprint()}|{drop!r}|{drop_type}|{higher}".encode())
+def _study_name(model_sha: str, space: SearchSpace, drop: float, drop_type: str, higher: bool, objective: str) -> str:
+    h = sha256_bytes(f"{model_sha}|{space.fingerprint()}|{drop!r}|{drop_type}|{higher}|{objective}".encode())
     return f"autoquant-{h[:12]}"
 
 
@@ -235,6 +243,8 @@ def optimize(
     show_progress: bool = True,
     heartbeat_interval: float = DEFAULT_HEARTBEAT,
     eval_timeout: float | None = None,
+    objective: str = "size",
+    measure_latency: bool = True,
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
@@ -247,17 +257,17 @@ def optimize(
     try:
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
                          search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
-                         heartbeat_interval, eval_timeout)
+                         heartbeat_interval, eval_timeout, objective, measure_latency)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
-              show_progress, heartbeat_interval, eval_timeout) -> OptimizeResult:
+              show_progress, heartbeat_interval, eval_timeout, objective, measure_latency) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
-                select, output_dir, study_name, heartbeat_interval, eval_timeout)
+                select, output_dir, study_name, heartbeat_interval, eval_timeout, objective, measure_latency)
     space = SearchSpace.load(search_space)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -277,7 +287,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
 
     storage_obj = user_storage or open_storage(None, out)
     try:
-        name = study_name or _study_name(model_sha, space, float(allowed_accuracy_drop), drop_type, higher_is_better)
+        name = study_name or _study_name(model_sha, space, float(allowed_accuracy_drop), drop_type, higher_is_better,
+                                         objective)
         study = create_or_load(storage_obj, name, higher_is_better, int(seed), int(n_trials))
         attrs = study.user_attrs
         if attrs.get("model_sha256") not in (None, model_sha):
@@ -285,14 +296,15 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                                  f"or output_dir")
         _check_same_settings(name, attrs, {
             "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
-            "higher_is_better": higher_is_better, "search_space": space.to_json(),
+            "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
         })
         eval_calls = 0
         if not STUDY_ATTRS <= set(attrs):  # new study, or one whose record a kill interrupted
             _record_study(study, eval_callback, fp32_path, drop_type, {
                 "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
-                "higher_is_better": higher_is_better, "search_space": space.to_json(), "stats_key": statistics[variants.BASE].key,
+                "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
+                "stats_key": statistics[variants.BASE].key,
                 "prepared_model": str(prepared.path), "preparation": {**prepared.report.to_dict(), "variants": {v: m.steps for v, m in models.items()}}, "seed": int(seed),
                 "launch": {  # what `autoquant worker` needs to join this study
                     "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
@@ -316,7 +328,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         objective = Objective(space=space, sources=_sources(models, statistics, cache_dir),
                               fallback_order=fallback_order, eval_callback=eval_callback, scoring=scoring,
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
-                              eval_timeout=eval_timeout)
+                              eval_timeout=eval_timeout, objective=objective,
+                              latency=_latency_probe(fp32_path, prepared, statistics) if measure_latency else None)
         _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
             raise NoCompletedTrialError(
@@ -362,8 +375,14 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
     for v, m in models.items():
         proto = m.load()
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
-                        frozenset(n.name for n in proto.graph.node))
+                        frozenset(n.name for n in proto.graph.node), macs_per_node(proto))
     return out
+
+
+def _latency_probe(fp32_path: Path, prepared: PreparedModel, statistics: dict) -> LatencyProbe:
+    """The fp32 model's latency on one calibration sample, measured once per call (same process as the trials)."""
+    feed = latency_feed(statistics[variants.BASE].samples[0], prepared.input_specs)
+    return LatencyProbe(feed, measure_latency_ms(fp32_path, feed))
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
@@ -432,6 +451,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         fp32_size_bytes=int(study.user_attrs["fp32_size_bytes"]), study=study, output_dir=str(out),
         higher_is_better=higher_is_better, float_nodes=list(details["float_nodes"]),
         preparation=dict(study.user_attrs.get("preparation", {})),
+        latency_ratio=details.get("latency_ratio"), bops_ratio=details.get("bops_ratio"),
     )
     save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
     atomic_write_json(out / "result.json", {

@@ -24,6 +24,7 @@ def _cmd_optimize(args) -> int:
         search_space=args.space, n_trials=args.n_trials, timeout=args.timeout, seed=args.seed,
         storage=args.storage, study_name=args.study_name, output_dir=args.output_dir, select=args.select,
         show_progress=not args.quiet, heartbeat_interval=args.heartbeat, eval_timeout=args.eval_timeout,
+        objective=args.objective, measure_latency=not args.no_latency,
     )
     print(result.summary())
     return 0 if result.feasible else 3
@@ -66,6 +67,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export
+
+    out = Path(args.output_dir)
+    model = out / "quantized.onnx"
+    if not model.exists():
+        raise ConfigError(f"{out} holds no delivered model (quantized.onnx); run `autoquant optimize` first")
+    suffix = {"aimet": ".encodings.json", "aimet-0.6.1": ".encodings-0.6.1.json", "tensorrt-cache": ".trt-calib.cache",
+              "ncnn-table": ".ncnn.table"}.get(args.format, "")
+    path = export(model, Path(args.out) if args.out else out / f"quantized{suffix}", args.format)
+    print(path)
+    return 0
+
+
 def _cmd_worker(args) -> int:
     from .worker import run_worker
 
@@ -94,13 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the output dir)")
     o.add_argument("--study-name", default=None)
     o.add_argument("--output-dir", default="autoquant_out")
-    o.add_argument("--select", choices=["smallest", "most_accurate"], default="smallest")
+    o.add_argument("--select", choices=["smallest", "most_accurate", "fastest", "fewest_bops"], default="smallest")
+    o.add_argument("--objective", choices=["size", "latency", "bops"], default="size",
+                   help="second objective of the search, next to accuracy (default: model size)")
+    o.add_argument("--no-latency", action="store_true", help="do not measure each trial's ORT CPU latency")
     o.add_argument("--eval-timeout", type=float, default=None,
                    help="seconds one eval may take; a slower trial is marked FAIL (default: no limit)")
     o.add_argument("--heartbeat", type=float, default=10.0,
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=_cmd_optimize)
+
+    e = sub.add_parser("export", help="write the delivered model's quantization parameters for a runtime")
+    e.add_argument("output_dir")
+    e.add_argument("--format", required=True, choices=["aimet", "aimet-0.6.1", "tensorrt-cache", "ncnn-table"])
+    e.add_argument("--out", default=None, help="file to write (default: next to quantized.onnx)")
+    e.set_defaults(func=_cmd_export)
 
     w = sub.add_parser("worker", help="join a study created by `autoquant optimize` and run its trials")
     w.add_argument("--storage", required=True,

@@ -271,7 +271,8 @@ def _read_encodings(path: str | Path) -> tuple[dict[str, _Enc], dict[str, _Enc]]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not an AIMET encodings file (expected a JSON object)")
     version = str(data.get("version", ""))
-    acts, params = data.get("activation_encodings", {}), data.get("param_encodings", {})
+    acts = data.get("activation_encodings", {})
+    params = data.get("param_encodings", [] if isinstance(acts, list) else {})
     layout = "1" if isinstance(acts, list) and isinstance(params, list) else \
         "0" if isinstance(acts, dict) and isinstance(params, dict) else None
     if layout is None or (version and version[0] != layout):

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from ._io import sha256_file
 from .build import RangeCache, build_qdq_model
+from .cost import bops, measure_latency_ms
 from .errors import TrialFailed
 from .refine import Refiner
 from .space import SearchSpace
@@ -86,6 +87,19 @@ class Source:
     ranges: RangeCache
     refiner: Refiner
     nodes: frozenset[str]
+    macs: dict[str, int]  # per Conv/Gemm/MatMul node, for bit operations
+
+
+@dataclass
+class LatencyProbe:
+    """One calibration sample and the fp32 model's latency on it, measured once in this process."""
+
+    feed: dict
+    fp32_ms: float
+
+
+#: the second objective (minimised) next to accuracy: detail key holding it
+OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms", "bops": "bops"}
 
 
 class Objective:
@@ -93,10 +107,13 @@ class Objective:
 
     def __init__(self, *, space: SearchSpace, sources: dict[str, Source], fallback_order: list[str],
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
-                 heartbeat_interval: float, eval_timeout: float | None = None):
+                 heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
+                 latency: LatencyProbe | None = None):
         self.space, self.sources, self.fallback_order = space, sources, fallback_order
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
         self.n_trials, self.heartbeat_interval, self.eval_timeout = n_trials, heartbeat_interval, eval_timeout
+        self.objective, self.latency = objective, latency
+        self.fp32_bops = {v: 32 * 32 * float(sum(src.macs.values())) for v, src in sources.items()}
         self.trial_dir = output_dir / "trials"
         self.eval_calls = 0
         self.failures = 0
@@ -146,7 +163,7 @@ class Objective:
         sha, size = sha256_file(path), path.stat().st_size
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
                                    "float_nodes": fallback, "variant": variant, "build_seconds": t_build,
-                                   **info.refinements}
+                                   **info.refinements, **self._costs(path, src, config, fallback, variant)}
         reused = self._identical_completed_trial(trial, sha)
         t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score
@@ -176,7 +193,15 @@ class Objective:
         trial.set_constraint("accuracy_drop", drop - self.scoring.allowed_drop)
         details["overhead_seconds"] = time.perf_counter() - t0 - t_eval
         trial.set_user_attr(DETAILS, details)
-        return accuracy, float(size)
+        return accuracy, float(size if self.objective == "size" else details[OBJECTIVES[self.objective]])
+
+    def _costs(self, path: Path, src: Source, config: dict, fallback: list[str], variant: str) -> dict[str, Any]:
+        b = bops(src.macs, config, fallback)
+        out: dict[str, Any] = {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
+        if self.latency is not None:
+            ms = measure_latency_ms(path, self.latency.feed)
+            out.update(latency_ms=ms, latency_ratio=ms / self.latency.fp32_ms)
+        return out
 
     def _identical_completed_trial(self, trial: optuna.Trial, sha: str):
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

@@ -12,8 +12,8 @@ from .objective import DETAILS
 from .select import pareto_front
 from .space import KNOBS
 
-METRICS = ["accuracy", "drop", "feasible", "size_bytes", "size_ratio", "n_float_nodes", "eval_seconds",
-           "overhead_seconds"]
+METRICS = ["accuracy", "drop", "feasible", "size_bytes", "size_ratio", "latency_ms", "latency_ratio", "bops_ratio",
+           "n_float_nodes", "eval_seconds", "overhead_seconds"]
 
 
 def pareto_trials(study: optuna.Study, higher_is_better: bool) -> list[optuna.trial.FrozenTrial]:
@@ -40,6 +40,7 @@ def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better
             "accuracy": a.get("accuracy"), "drop": a.get("drop"), "feasible": a.get("feasible"),
             "size_bytes": a.get("size_bytes"),
             "size_ratio": (a["size_bytes"] / fp32_size) if fp32_size and "size_bytes" in a else None,
+            "latency_ms": d.get("latency_ms"), "latency_ratio": d.get("latency_ratio"), "bops_ratio": d.get("bops_ratio"),
             "n_float_nodes": len(d["float_nodes"]) if "float_nodes" in d else None,
             "eval_seconds": d.get("eval_seconds"), "overhead_seconds": d.get("overhead_seconds"),
             "reused_from": d.get("reused_from"), "model_file": d.get("model_file"),

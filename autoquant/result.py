@@ -30,6 +30,8 @@ class OptimizeResult:
     eval_calls: int = 0  # calls of eval_callback made by this optimize() call (baseline included)
     float_nodes: list[str] = field(default_factory=list)
     preparation: dict[str, Any] = field(default_factory=dict)  # steps, quantizable count, nodes kept float + why
+    latency_ratio: float | None = None  # ORT CPU latency / fp32 latency, 1 thread, measured in the same process
+    bops_ratio: float | None = None  # bit operations / fp32 bit operations
 
     @property
     def size_ratio(self) -> float:
@@ -44,5 +46,7 @@ class OptimizeResult:
 
     def summary(self) -> str:
         state = "feasible" if self.feasible else "NOT feasible"
+        latency = f", latency {self.latency_ratio:.2f}x fp32" if self.latency_ratio is not None else ""
         return (f"trial {self.trial_number} ({state}): accuracy {self.accuracy:.4f} vs fp32 {self.baseline_accuracy:.4f}"
-                f" (drop {self.drop:.4f}), size {self.size_bytes} B = {self.size_ratio:.2f}x fp32 -> {self.model_path}")
+                f" (drop {self.drop:.4f}), size {self.size_bytes} B = {self.size_ratio:.2f}x fp32{latency}"
+                f" -> {self.model_path}")

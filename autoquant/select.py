@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from optuna.trial import FrozenTrial
 
-SELECT_MODES = ("smallest", "most_accurate")
+SELECT_MODES = ("smallest", "most_accurate", "fastest", "fewest_bops")
+_METRIC = {"smallest": "size_bytes", "fastest": "latency_ms", "fewest_bops": "bops"}
+
+
+def _metric(t: FrozenTrial, select: str) -> float:
+    key = _METRIC[select]
+    value = t.user_attrs.get(key, t.user_attrs.get("details", {}).get(key))
+    return float("inf") if value is None else float(value)
 
 
 def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
@@ -13,15 +20,22 @@ def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
 
 
 def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list[FrozenTrial]:
-    """Best first: feasible trials by ``select``; if none is feasible, the most accurate first."""
+    """Best first: feasible trials by ``select``; if none is feasible, the most accurate first.
+
+    "smallest" prefers, among feasible trials, those measured no slower than fp32 when there are any:
+    a smaller file that runs slower than float is not what a user quantizes for.
+    """
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
     feasible = [t for t in trials if t.user_attrs.get("feasible")]
     if feasible:
-        if select == "smallest":
-            key = lambda t: (t.user_attrs["size_bytes"], -_goodness(t, higher_is_better), t.number)  # noqa: E731
-        else:
+        if select == "most_accurate":
             key = lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number)  # noqa: E731
+            return sorted(feasible, key=key)
+        if select == "smallest":
+            not_slower = [t for t in feasible if (t.user_attrs.get("details", {}).get("latency_ratio") or 2.0) <= 1.0]
+            feasible = not_slower or feasible
+        key = lambda t: (_metric(t, select), -_goodness(t, higher_is_better), t.number)  # noqa: E731
         return sorted(feasible, key=key)
     return sorted(trials, key=lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number))
 

@@ -130,8 +130,8 @@ class SearchSpace:
         if "percentile" in self.domains and "percentile" not in possible("calibration"):
             raise _err(name, "knob 'percentile' is set but 'calibration' never takes 'percentile'; add percentile "
                              "to calibration or drop the percentile knob")
-        if "bn_fold" in self.domains and False not in possible("cle"):
-            raise _err(name, "knob 'bn_fold' is set but 'cle' is always true (CLE always folds BatchNorm); "
+        if False in possible("bn_fold") and "bn_fold" in self.domains and False not in possible("cle"):
+            raise _err(name, "knob 'bn_fold' allows false but 'cle' is always true (CLE always folds BatchNorm); "
                              "drop bn_fold or allow cle: false")
 
     # -- loading -----------------------------------------------------------------------------

@@ -69,3 +69,19 @@ def test_calib_npz_split(tmp_path):
 def test_report_on_empty_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no autoquant study" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["aimet", "aimet-0.6.1", "ncnn-table"])
+def test_export_cli(demo, tmp_path, fmt):
+    from autoquant import optimize
+
+    space = {"knobs": {"calibration": "minmax", "activation_bits": 8, "activation_symmetric": True,
+                       "weight_granularity": "per_channel", "fallback_k": 0}}
+    optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, allowed_accuracy_drop=1.0, search_space=space,
+             n_trials=1, output_dir=tmp_path / "o", show_progress=False)
+    assert main(["export", str(tmp_path / "o"), "--format", fmt, "--out", str(tmp_path / "x")]) == 0
+    text = (tmp_path / "x").read_text()
+    if fmt.startswith("aimet"):
+        assert json.loads(text)["version"] == ("1.0.0" if fmt == "aimet" else "0.6.1")
+    else:
+        assert "conv1_param_0" in text

@@ -46,10 +46,23 @@ def test_preparation_report(result):
     assert prep["float_nodes"] == {}  # every op of the demo CNN is handled by ORT's quantizer
 
 
-def test_delivered_is_smallest_feasible(result):
+def test_delivered_is_smallest_feasible_not_slower_than_fp32_when_possible(result):
     complete = [t for t in result.study.trials if t.state.name == "COMPLETE" and t.user_attrs["feasible"]]
-    assert result.size_bytes == min(t.user_attrs["size_bytes"] for t in complete)
+    fast = [t for t in complete if t.user_attrs["details"]["latency_ratio"] <= 1.0]
+    assert result.size_bytes == min(t.user_attrs["size_bytes"] for t in (fast or complete))
     assert result.size_bytes < result.fp32_size_bytes
+
+
+def test_latency_and_bops_recorded_for_every_trial(result):
+    for t in result.study.trials:
+        if t.state.name == "COMPLETE":
+            d = t.user_attrs["details"]
+            assert d["latency_ms"] > 0 and d["latency_ratio"] > 0
+            cfg = t.user_attrs["config"]
+            if not d["float_nodes"]:  # all MACs at the config's bit widths
+                assert d["bops_ratio"] == pytest.approx(cfg["weight_bits"] * cfg["activation_bits"] / 1024)
+    assert result.latency_ratio is not None and "latency" in result.summary()
+    assert {"latency_ms", "latency_ratio", "bops_ratio"} <= set(result.report().columns)
 
 
 def test_encodings_scales_equal_model_scales(result):
@@ -148,3 +161,17 @@ def test_list_and_generator_calibration_data(demo, tmp_path):
     r2 = optimize(str(demo.model_path), iter(feeds), demo.evaluate, search_space=space, n_trials=1,
                   output_dir=tmp_path / "b", show_progress=False)
     assert open(r1.model_path, "rb").read() == open(r2.model_path, "rb").read()
+
+
+@pytest.mark.parametrize("objective, select, key", [("bops", "fewest_bops", "bops"), ("latency", "fastest", "latency_ms")])
+def test_other_objectives(demo, tmp_path, objective, select, key):
+    space = {"knobs": {"calibration": "minmax", "activation_bits": [8, 16], "weight_bits": [4, 8], "fallback_k": 0}}
+    r = optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, allowed_accuracy_drop=1.0,
+                 search_space=space, n_trials=4, output_dir=tmp_path / "o", show_progress=False, objective=objective,
+                 select=select)
+    complete = [t for t in r.study.trials if t.state.name == "COMPLETE"]
+    for t in complete:
+        assert t.values[1] == pytest.approx(t.user_attrs["details"][key])  # Optuna's second objective
+    chosen = r.study.trials[r.trial_number].user_attrs["details"][key]
+    assert chosen == min(t.user_attrs["details"][key] for t in complete)
+    assert r.study.user_attrs["objective"] == objective

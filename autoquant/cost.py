@@ -1,0 +1,88 @@
+"""What a quantized model costs to run: bit operations (deterministic) and measured ORT CPU latency.
+
+File size alone misleads: on ONNX Runtime CPU a 16-bit-activation model can be smaller than fp32 yet
+twice as slow. Every completed trial records both numbers beside its size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LATENCY_REPEATS = 7
+LATENCY_BUDGET_S = 1.0  # stop repeating once a measurement has taken this long
+
+
+def _shape(model: onnx.ModelProto, name: str) -> list[int] | None:
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if vi.name == name:
+            return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                    for d in vi.type.tensor_type.shape.dim]
+    return None
+
+
+def macs_per_node(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-accumulates per sample (dynamic dims count as 1) of every Conv / Gemm / MatMul node."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    out: dict[str, int] = {}
+    for node in inferred.graph.node:
+        if node.op_type not in MAC_OPS or len(node.input) < 2:
+            continue
+        y = _shape(inferred, node.output[0])
+        w = weights.get(node.input[1]) or _shape(inferred, node.input[1])
+        if not y or not w:
+            continue
+        if node.op_type == "Conv":
+            macs = int(np.prod(y[1:])) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            x = _shape(inferred, node.input[0])
+            macs = int(np.prod(x[1:])) * int(np.prod(w[1:])) if x else 0
+        else:  # Gemm / MatMul: every output element is a K-long dot product
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            k = w[-1] if (node.op_type == "Gemm" and trans_b) else w[-2] if len(w) >= 2 else w[0]
+            macs = int(np.prod(y)) * int(k)
+        out[node.name] = macs
+    return out
+
+
+def bops(macs: dict[str, int], config: dict[str, Any], float_nodes: list[str] | tuple = ()) -> float:
+    """Bit operations: MACs x weight bits x activation bits, float (32 x 32) for nodes kept float."""
+    total = 0.0
+    for name, m in macs.items():
+        bits = 32 * 32 if name in float_nodes else config["weight_bits"] * config["activation_bits"]
+        total += m * bits
+    return total
+
+
+def latency_feed(feed: dict[str, np.ndarray], specs: dict[str, tuple[int, tuple]]) -> dict[str, np.ndarray]:
+    """One sample of a calibration feed (first item of a dynamic batch axis), for latency runs."""
+    out = {}
+    for name, arr in feed.items():
+        dims = specs.get(name, (0, ()))[1]
+        out[name] = arr[:1] if dims and dims[0] is None and arr.ndim and arr.shape[0] > 1 else arr
+    return out
+
+
+def measure_latency_ms(path: str | Path, feed: dict[str, np.ndarray], threads: int = 1) -> float:
+    """Median wall time (ms) of single-threaded ORT CPU runs, after one warm-up run."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < LATENCY_REPEATS and (time.perf_counter() - start < LATENCY_BUDGET_S or len(times) < 3):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
