@@ -35,7 +35,9 @@ from .model import PreparedModel, compute_nodes, ensure_node_names, float_activa
 from . import variants
 from .launch import calibration_ref, callable_ref
 from .cost import latency_feed, macs_per_node, measure_latency_ms
-from .objective import DETAILS, OBJECTIVES, LatencyProbe, Objective, Scoring, Source, check_metric
+from .objective import (DETAILS, DONE_STATES, OBJECTIVES, BudgetReached, LatencyProbe, Objective, Scoring, Source,
+                        check_metric)
+from .prune import Pruner
 from .refine import Refiner
 from .report import save_csv, trials_frame
 from .result import OptimizeResult
@@ -90,6 +92,19 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
         raise ConfigError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
     if study_name is not None and (not isinstance(study_name, str) or not study_name.strip()):
         raise ConfigError(f"study_name must be a non-empty string or None, got {study_name!r}")
+
+
+def _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high_precision_fraction) -> None:
+    for name, value in (("prune", prune), ("stop_when_feasible", stop_when_feasible)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}")
+    if eval_subset_callback is not None and not callable(eval_subset_callback):
+        raise ConfigError("eval_subset_callback must be None or a callable f(model_path) -> float on a subset")
+    if max_high_precision_fraction is not None and (
+            isinstance(max_high_precision_fraction, bool) or not isinstance(max_high_precision_fraction, numbers.Real)
+            or not 0 <= max_high_precision_fraction <= 1):
+        raise ConfigError(f"max_high_precision_fraction must be None or a number in [0, 1], got "
+                          f"{max_high_precision_fraction!r}")
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -245,6 +260,10 @@ def optimize(
     eval_timeout: float | None = None,
     objective: str = "size",
     measure_latency: bool = True,
+    prune: bool = True,
+    eval_subset_callback: Callable[[str], float] | None = None,
+    stop_when_feasible: bool = False,
+    max_high_precision_fraction: float | None = None,
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
@@ -257,17 +276,20 @@ def optimize(
     try:
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
                          search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
-                         heartbeat_interval, eval_timeout, objective, measure_latency)
+                         heartbeat_interval, eval_timeout, objective, measure_latency, prune, eval_subset_callback,
+                         stop_when_feasible, max_high_precision_fraction)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
-              show_progress, heartbeat_interval, eval_timeout, objective, measure_latency) -> OptimizeResult:
+              show_progress, heartbeat_interval, eval_timeout, objective, measure_latency, prune,
+              eval_subset_callback, stop_when_feasible, max_high_precision_fraction) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
                 select, output_dir, study_name, heartbeat_interval, eval_timeout, objective, measure_latency)
+    _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high_precision_fraction)
     space = SearchSpace.load(search_space)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -319,19 +341,23 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                                                    else (None if storage is None else type(storage).__name__)})
 
         ranked = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE  # the default variant
-        fallback_order = _fallback_order(space, models[ranked], statistics[ranked], cache_dir)
+        ranking = _ranking(study, space, models[ranked], statistics[ranked], cache_dir)
         recover_stale_trials(study, out / "trials", GRACE_FACTOR * heartbeat_interval)
         if not study.get_trials(deepcopy=False):
-            study.enqueue_trial(space.baseline_params(), user_attrs={"enqueued": "onnxruntime defaults"})
+            for label, params in space.starting_points()[: int(n_trials)]:
+                study.enqueue_trial(params, user_attrs={"enqueued": label})
 
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
-        objective = Objective(space=space, sources=_sources(models, statistics, cache_dir),
-                              fallback_order=fallback_order, eval_callback=eval_callback, scoring=scoring,
+        pruner = _pruner(study, prepared, statistics, scoring, eval_subset_callback, prune) if (
+            prune or eval_subset_callback) else None
+        objective = Objective(space=space, sources=_sources(models, statistics, cache_dir), ranking=ranking,
+                              pruner=pruner, max_high_precision_fraction=max_high_precision_fraction,
+                              eval_callback=eval_callback, scoring=scoring,
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
                               eval_timeout=eval_timeout, objective=objective,
                               latency=_latency_probe(fp32_path, prepared, statistics) if measure_latency else None)
-        _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress)
-        if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL):
+        _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
+        if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
             raise NoCompletedTrialError(
                 f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics and the fp32 "
                 f"evaluation took {time.perf_counter() - t_start:.1f} s); raise timeout"
@@ -361,12 +387,37 @@ def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type
         study.set_user_attr(k, v)
 
 
-def _fallback_order(space: SearchSpace, prepared: PreparedModel, statistics, cache_dir: Path) -> list[str]:
-    """Compute nodes, most sensitive first; measured once per study (cached) and only if the space uses it."""
-    fb = space.domains.get("fallback_k")
-    if fb is None or not ((fb.values and max(fb.values) > 0) or (fb.high and fb.high > 0)):
-        return []
-    return rank_nodes(measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir))
+def _ranking(study: optuna.Study, space: SearchSpace, prepared: PreparedModel, statistics, cache_dir: Path
+             ) -> dict[str, list[str]]:
+    """Compute nodes ranked by sensitivity, most sensitive first, per precision (measured once per study,
+    cached on disk and recorded in the study) — only when the space has a knob that uses it."""
+    def used(knob: str) -> bool:
+        dom = space.domains.get(knob)
+        return dom is not None and bool((dom.values and max(dom.values) > 0) or (dom.high and dom.high > 0))
+
+    if not any(used(k) for k in ("fallback_k", "a16_k", "w4_fraction")):
+        return {}
+    sensitivity = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
+    if "sensitivity" not in study.user_attrs:
+        study.set_user_attr("sensitivity", {n: {p: (v if np.isfinite(v) else None) for p, v in d.items()}
+                                            for n, d in sensitivity.items()})
+    return {p: rank_nodes(sensitivity, p) for p in ("w8a8", "w4a8")}
+
+
+def _pruner(study: optuna.Study, prepared: PreparedModel, statistics: dict, scoring: Scoring,
+            subset_callback, enabled: bool) -> Pruner:
+    subset_scoring = None
+    if subset_callback is not None:
+        if "subset_baseline" not in study.user_attrs:
+            try:
+                value = check_metric(subset_callback(str(prepared.path)), "eval_subset_callback on the fp32 model")
+            except Exception as exc:
+                raise ConfigError(f"eval_subset_callback failed on the fp32 model: {exc}") from None
+            study.set_user_attr("subset_baseline", value)
+        subset_scoring = Scoring(float(study.user_attrs["subset_baseline"]), scoring.allowed_drop, scoring.drop_type,
+                                 scoring.higher_is_better)
+    return Pruner(prepared.path, statistics[variants.BASE].samples, subset_callback=subset_callback,
+                  subset_scoring=subset_scoring, enabled=enabled)
 
 
 def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path) -> dict[str, Source]:
@@ -386,19 +437,23 @@ def _latency_probe(fp32_path: Path, prepared: PreparedModel, statistics: dict) -
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
-                progress: bool) -> None:
-    """Run until the study holds n_trials COMPLETE trials (whoever runs them: this process or other
-    workers), the timeout passes, or this process saw too many trials fail."""
+                progress: bool, stop_when_feasible: bool = False) -> None:
+    """Run until the study holds n_trials done trials (COMPLETE or PRUNED, whoever ran them: this process
+    or other workers), the timeout passes, this process saw too many trials fail, or — with
+    ``stop_when_feasible`` — a feasible trial exists."""
     from tqdm.auto import tqdm
 
     grace = GRACE_FACTOR * objective.heartbeat_interval
     failures_allowed = max(3, n_trials)  # a callback that always fails must not loop forever
-    done = count(study, TrialState.COMPLETE)
+    done = count(study, *DONE_STATES)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in the report, not logged
     try:
         with tqdm(total=n_trials, initial=done, desc="autoquant trials", unit="trial", disable=not progress) as bar:
             while done < n_trials and objective.failures < failures_allowed:
+                if stop_when_feasible and any(t.user_attrs.get("feasible") for t in
+                                              study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+                    break
                 remaining_time = None if timeout is None else timeout - (time.perf_counter() - t_start)
                 if remaining_time is not None and remaining_time <= 0:
                     break
@@ -406,8 +461,8 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                 if done + count(study, TrialState.RUNNING) >= n_trials:
                     time.sleep(min(1.0, objective.heartbeat_interval))  # other workers hold the rest
                 else:
-                    study.optimize(objective, n_trials=1, timeout=remaining_time, catch=(TrialFailed,))
-                now = count(study, TrialState.COMPLETE)
+                    study.optimize(objective, n_trials=1, timeout=remaining_time, catch=(TrialFailed, BudgetReached))
+                now = count(study, *DONE_STATES)
                 bar.update(now - done)
                 done = now
     finally:
@@ -454,6 +509,10 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         latency_ratio=details.get("latency_ratio"), bops_ratio=details.get("bops_ratio"),
     )
     save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
+    try:
+        result.plot(out / "pareto.png")
+    except ConfigError:  # matplotlib is an optional extra
+        _log.info("matplotlib not installed: no pareto.png")
     atomic_write_json(out / "result.json", {
         "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS, "sha256": details["sha256"],
         "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy, "drop": result.drop,

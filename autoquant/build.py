@@ -122,13 +122,49 @@ def apply_weight_rounding(qdq: onnx.ModelProto, float_inits: dict[str, np.ndarra
 OPSET_FOR_LOW_OR_WIDE_BITS = 21  # int4 / int16 QuantizeLinear & DequantizeLinear
 
 
-def source_for(prepared_path: Path, config: dict[str, Any]) -> Path:
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Per-node exceptions to the config's bit widths (float fallback goes through nodes_to_exclude)."""
+
+    a16_nodes: tuple[str, ...] = ()  # inputs and outputs of these nodes get 16-bit activations
+    w4_nodes: tuple[str, ...] = ()  # these nodes' weights get 4 bits
+
+    def __bool__(self) -> bool:
+        return bool(self.a16_nodes or self.w4_nodes)
+
+
+def mixed_overrides(model: onnx.ModelProto, config: dict[str, Any], mixed: MixedPrecision,
+                    axes: dict[str, int], base: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """TensorQuantOverrides for ``mixed`` on top of ``base``. In QDQ every tensor has its own Q/DQ
+    pair, so a tensor's type can differ from its neighbours' (ORT then runs that op unfused)."""
+    inits = {t.name for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    out = {k: [dict(v[0])] for k, v in base.items()}
+    per_channel = config["weight_granularity"] == "per_channel"
+    a16 = quant_type(16, bool(config["activation_symmetric"]))
+    for name in mixed.a16_nodes:
+        node = nodes.get(name)
+        for t in [] if node is None else [*node.input, *node.output]:
+            if t and t not in inits:
+                out.setdefault(t, [{}])[0]["quant_type"] = a16
+    for name in mixed.w4_nodes:
+        node = nodes.get(name)
+        if node is None or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        entry = out.setdefault(node.input[1], [{}])[0]
+        entry["quant_type"] = weight_quant_type(4, bool(config["weight_symmetric"]))
+        if per_channel and node.input[1] in axes:
+            entry["axis"] = axes[node.input[1]]  # a per-tensor override would turn per-channel off
+    return out
+
+
+def source_for(prepared_path: Path, config: dict[str, Any], mixed: MixedPrecision | None = None) -> Path:
     """The prepared model, or its opset-21 copy when the config uses int4 / int16.
 
     ORT would upgrade the opset inside every such quantize_static call; converting once and keeping
     the copy next to the prepared model saves that per trial.
     """
-    if config["weight_bits"] == 8 and config["activation_bits"] == 8:
+    if config["weight_bits"] == 8 and config["activation_bits"] == 8 and not mixed:
         return prepared_path
     target = prepared_path.with_name(f"{prepared_path.stem}-opset{OPSET_FOR_LOW_OR_WIDE_BITS}.onnx")
     if not target.exists():
@@ -150,6 +186,7 @@ def build_qdq_model(
     float_inits: dict[str, np.ndarray] | None = None,
     nodes_to_quantize: list[str] | None = None,
     refine: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
+    mixed: MixedPrecision | None = None,
 ) -> BuildInfo:
     """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically.
 
@@ -168,10 +205,16 @@ def build_qdq_model(
         "ForceQuantizeNoInputCheck": False,
     }
     per_channel = config["weight_granularity"] == "per_channel"
-    if per_channel and not wsym:
-        # ORT forces per-channel weights symmetric unless a per-channel override says otherwise.
-        axes = weight_channel_axes(onnx.load(str(prepared_path), load_external_data=False))
-        extra["TensorQuantOverrides"] = {w: [{"symmetric": False, "axis": a}] for w, a in axes.items()}
+    if (per_channel and not wsym) or mixed:
+        graph = onnx.load(str(prepared_path), load_external_data=False)
+        axes = weight_channel_axes(graph)
+        overrides: dict[str, list[dict]] = {}
+        if per_channel and not wsym:
+            # ORT forces per-channel weights symmetric unless a per-channel override says otherwise.
+            overrides = {w: [{"symmetric": False, "axis": a}] for w, a in axes.items()}
+        if mixed:
+            overrides = mixed_overrides(graph, config, mixed, axes, overrides)
+        extra["TensorQuantOverrides"] = overrides
     quiet = logging.getLogger()
     level = quiet.level
     with tempfile.TemporaryDirectory(prefix="autoquant-build-") as tmp:
@@ -181,7 +224,7 @@ def build_qdq_model(
         quiet.setLevel(logging.ERROR)  # ORT logs a pre-processing hint on every call
         try:
             quantize_static(
-                str(source_for(prepared_path, config)), str(raw), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                str(source_for(prepared_path, config, mixed)), str(raw), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 activation_type=quant_type(config["activation_bits"], asym),
                 weight_type=weight_quant_type(config["weight_bits"], wsym),

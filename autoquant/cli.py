@@ -50,6 +50,10 @@ def _cmd_report(args) -> int:
 
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(df.drop(columns=["fail_reason"] if not args.all else []).to_string(index=False))
+    if args.plot:
+        from .plot import plot_pareto
+
+        print(plot_pareto(study, out / "pareto.png"))
     return 0
 
 
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("output_dir")
     r.add_argument("--all", action="store_true", help="every trial, not only the Pareto front")
     r.add_argument("--storage", default=None)
+    r.add_argument("--plot", action="store_true", help="also write pareto.png (needs matplotlib)")
     r.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="tiny bundled model + data, a real short search (no downloads)")

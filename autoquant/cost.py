@@ -53,12 +53,17 @@ def macs_per_node(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def bops(macs: dict[str, int], config: dict[str, Any], float_nodes: list[str] | tuple = ()) -> float:
-    """Bit operations: MACs x weight bits x activation bits, float (32 x 32) for nodes kept float."""
+def bops(macs: dict[str, int], config: dict[str, Any], float_nodes=(), a16_nodes=(), w4_nodes=()) -> float:
+    """Bit operations: MACs x weight bits x activation bits per node; 32 x 32 for nodes kept float,
+    16-bit activations / 4-bit weights for the mixed-precision nodes."""
     total = 0.0
     for name, m in macs.items():
-        bits = 32 * 32 if name in float_nodes else config["weight_bits"] * config["activation_bits"]
-        total += m * bits
+        if name in float_nodes:
+            total += m * 32 * 32
+            continue
+        wb = 4 if name in w4_nodes else config["weight_bits"]
+        ab = 16 if name in a16_nodes else config["activation_bits"]
+        total += m * wb * ab
     return total
 
 

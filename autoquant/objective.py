@@ -16,7 +16,8 @@ import onnxruntime as ort
 from optuna.trial import TrialState
 
 from ._io import sha256_file
-from .build import RangeCache, build_qdq_model
+from .build import MixedPrecision, RangeCache, build_qdq_model
+from .prune import Pruner
 from .cost import bops, measure_latency_ms
 from .errors import TrialFailed
 from .refine import Refiner
@@ -98,6 +99,14 @@ class LatencyProbe:
     fp32_ms: float
 
 
+#: states that count towards n_trials: a verdict was reached (scored, or pruned as hopeless)
+DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class BudgetReached(Exception):
+    """Raised at a trial's start when other workers already hold the study's n_trials (trial -> FAIL)."""
+
+
 #: the second objective (minimised) next to accuracy: detail key holding it
 OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms", "bops": "bops"}
 
@@ -105,11 +114,13 @@ OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms", "bops": "bops"}
 class Objective:
     """The callable handed to ``study.optimize``. Returns (accuracy, model bytes)."""
 
-    def __init__(self, *, space: SearchSpace, sources: dict[str, Source], fallback_order: list[str],
+    def __init__(self, *, space: SearchSpace, sources: dict[str, Source], ranking: dict[str, list[str]],
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
                  heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
-                 latency: LatencyProbe | None = None):
-        self.space, self.sources, self.fallback_order = space, sources, fallback_order
+                 latency: LatencyProbe | None = None, pruner: Pruner | None = None,
+                 max_high_precision_fraction: float | None = None):
+        self.space, self.sources, self.ranking = space, sources, ranking
+        self.pruner, self.max_high_precision_fraction = pruner, max_high_precision_fraction
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
         self.n_trials, self.heartbeat_interval, self.eval_timeout = n_trials, heartbeat_interval, eval_timeout
         self.objective, self.latency = objective, latency
@@ -131,26 +142,29 @@ class Objective:
             trial.set_user_attr("fail_reason", str(exc))
             path.unlink(missing_ok=True)
             raise
+        except optuna.TrialPruned:
+            path.unlink(missing_ok=True)
+            raise
 
     def _check_budget(self, trial: optuna.Trial) -> None:
         """With many workers, trials started at the same moment may exceed n_trials: the lowest
         numbers go on, the others are pruned before any work."""
-        active = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        ahead = sum(t.state == TrialState.COMPLETE or t.number < trial.number for t in active if t.number != trial.number)
+        active = trial.study.get_trials(deepcopy=False, states=(*DONE_STATES, TrialState.RUNNING))
+        ahead = sum(t.state != TrialState.RUNNING or t.number < trial.number for t in active if t.number != trial.number)
         if ahead >= self.n_trials:
-            trial.set_user_attr("fail_reason", f"study already has {self.n_trials} trials complete or running")
-            raise optuna.TrialPruned()
+            raise BudgetReached(f"study already has {self.n_trials} trials done or running")
 
     def _run(self, trial: optuna.Trial, path: Path, t0: float) -> tuple[float, float]:
-        config = self.space.suggest(trial, len(self.fallback_order))
+        config = self.space.suggest(trial, len(self.ranking.get("w8a8", ())))
         variant = variant_of(config)
         src = self.sources[variant]
-        fallback = [n for n in self.fallback_order if n in src.nodes][: config["fallback_k"]]
+        fallback, mixed = self._plan(config, src)
         trial.set_user_attr("config", config)
+        self._check_high_precision(trial, config, fallback, mixed, src)
         t_build = time.perf_counter()
         try:
             info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, fallback,
-                                   refine=lambda model: src.refiner.apply(model, config))
+                                   refine=lambda model: src.refiner.apply(model, config), mixed=mixed)
         except Exception as exc:
             raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
         t_build = time.perf_counter() - t_build
@@ -162,9 +176,12 @@ class Objective:
             raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
         sha, size = sha256_file(path), path.stat().st_size
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
-                                   "float_nodes": fallback, "variant": variant, "build_seconds": t_build,
-                                   **info.refinements, **self._costs(path, src, config, fallback, variant)}
+                                   "float_nodes": fallback, "a16_nodes": list(mixed.a16_nodes),
+                                   "w4_nodes": list(mixed.w4_nodes), "variant": variant, "build_seconds": t_build,
+                                   **info.refinements, **self._costs(path, src, config, fallback, mixed, variant)}
         reused = self._identical_completed_trial(trial, sha)
+        if reused is None and self.pruner is not None:
+            self._prescore(trial, path, details)
         t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score
             accuracy = float(reused.user_attrs["accuracy"])
@@ -195,8 +212,47 @@ class Objective:
         trial.set_user_attr(DETAILS, details)
         return accuracy, float(size if self.objective == "size" else details[OBJECTIVES[self.objective]])
 
-    def _costs(self, path: Path, src: Source, config: dict, fallback: list[str], variant: str) -> dict[str, Any]:
-        b = bops(src.macs, config, fallback)
+    def _plan(self, config: dict, src: Source) -> tuple[list[str], MixedPrecision]:
+        """Sensitivity-ranked per-node precision: the fallback_k most sensitive nodes float, the next
+        a16_k with 16-bit activations, the least sensitive w4_fraction of weighted nodes at 4 bits."""
+        order = [n for n in self.ranking.get("w8a8", ()) if n in src.nodes]
+        fallback = order[: config["fallback_k"]]
+        a16 = order[config["fallback_k"]: config["fallback_k"] + config.get("a16_k", 0)]
+        weighted = [n for n in reversed(self.ranking.get("w4a8", ())) if n in src.macs and n not in fallback]
+        w4 = weighted[: int(config.get("w4_fraction", 0.0) * len(weighted))]
+        return fallback, MixedPrecision(tuple(a16), tuple(w4))
+
+    def _check_high_precision(self, trial: optuna.Trial, config: dict, fallback: list[str], mixed: MixedPrecision,
+                              src: Source) -> None:
+        """Prune, before any work, a config over max_high_precision_fraction (float or 16-bit nodes)."""
+        n = max(1, len(self.ranking.get("w8a8", ())) or len(src.macs))
+        high = 1.0 if config["activation_bits"] > 8 or config["weight_bits"] > 8 else (len(fallback) + len(mixed.a16_nodes)) / n
+        trial.set_user_attr("high_precision_fraction", high)
+        if self.max_high_precision_fraction is not None and high > self.max_high_precision_fraction + 1e-12:
+            trial.set_user_attr("prune_reason", f"{high:.2f} of the nodes at high precision > "
+                                                f"max_high_precision_fraction={self.max_high_precision_fraction}")
+            raise optuna.TrialPruned()
+
+    def _prescore(self, trial: optuna.Trial, path: Path, details: dict) -> None:
+        """Cheap fidelities before the full eval; prune (PRUNED + reason) when clearly hopeless."""
+        details["sqnr_db"] = self.pruner.sqnr(path)
+        reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"])
+        if reason is None:
+            try:
+                reason, details["subset_score"] = self.pruner.subset_verdict(path)
+            except TrialFailed:
+                raise
+            except Exception as exc:
+                raise TrialFailed(f"eval_subset_callback raised {type(exc).__name__}: {exc}") from None
+        if reason is not None:
+            trial.set_user_attr("prune_reason", reason)
+            trial.set_user_attr(DETAILS, details)
+            path.unlink(missing_ok=True)
+            raise optuna.TrialPruned()
+
+    def _costs(self, path: Path, src: Source, config: dict, fallback: list[str], mixed: MixedPrecision,
+               variant: str) -> dict[str, Any]:
+        b = bops(src.macs, config, fallback, mixed.a16_nodes, mixed.w4_nodes)
         out: dict[str, Any] = {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
         if self.latency is not None:
             ms = measure_latency_ms(path, self.latency.feed)

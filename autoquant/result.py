@@ -41,6 +41,22 @@ class OptimizeResult:
         """Pareto-optimal trials (accuracy vs model size), or every trial with ``all_trials=True``."""
         return trials_frame(self.study, all_trials=all_trials, higher_is_better=self.higher_is_better)
 
+    def sensitivity(self) -> pd.DataFrame:
+        """Per compute node: output SQNR (dB) vs fp32 when only that node is quantized, at each measured
+        precision (w8a8, w4a8, w8a16), most sensitive first. Empty when the space did not need it."""
+        data = self.study.user_attrs.get("sensitivity", {})
+        rows = [{"node": n, **{f"sqnr_db_{p}": v for p, v in d.items()}} for n, d in data.items()]
+        df = pd.DataFrame(rows)
+        if df.empty:
+            return pd.DataFrame(columns=["node", "sqnr_db_w8a8", "sqnr_db_w4a8", "sqnr_db_w8a16"])
+        return df.sort_values("sqnr_db_w8a8", na_position="last", kind="stable").reset_index(drop=True)
+
+    def plot(self, path: str | Path | None = None) -> Path:
+        """PNG of accuracy vs the search's second objective, with the feasible region and Pareto front."""
+        from .plot import plot_pareto
+
+        return plot_pareto(self.study, path or Path(self.output_dir) / "pareto.png")
+
     def save_report(self, path: str | Path, all_trials: bool = True) -> Path:
         return save_csv(self.report(all_trials=all_trials), path)
 

@@ -49,31 +49,42 @@ def run_outputs(sess: ort.InferenceSession, samples: list[dict]) -> list[np.ndar
     return outs
 
 
+#: precisions each node is measured at, alone: the config that quantizes it
+PRECISIONS = {
+    "w8a8": BASELINE,
+    "w4a8": {**BASELINE, "weight_bits": 4, "weight_granularity": "per_channel"},
+    "w8a16": {**BASELINE, "activation_bits": 16},
+}
+
+
 def measure_sensitivity(prepared: Path, stats: Statistics, nodes: list[str], cache_dir: Path,
-                        max_samples: int = 4) -> dict[str, float]:
-    """SQNR (dB) of the model outputs when only that node is quantized (int8 minmax), per node."""
+                        max_samples: int = 4) -> dict[str, dict[str, float]]:
+    """Per node, per precision in PRECISIONS: SQNR (dB) of the model outputs when only that node is
+    quantized. No user eval; cached on disk by the statistics key (a hash of model and data)."""
     cache = cache_dir / f"sensitivity-{stats.key}.json"
     if cache.exists():
         data = json.loads(cache.read_text())
-        if data.get("nodes") == nodes:
-            return {k: float(v) for k, v in data["sqnr_db"].items()}
+        if data.get("nodes") == nodes and data.get("precisions") == list(PRECISIONS):
+            return {n: {p: float(v) for p, v in d.items()} for n, d in data["sqnr_db"].items()}
     samples = stats.samples[:max_samples]
     reference = run_outputs(session(prepared), samples)
-    ranges = RangeCache(stats).ranges(BASELINE)
-    result: dict[str, float] = {}
+    ranges = RangeCache(stats)
+    result: dict[str, dict[str, float]] = {n: {} for n in nodes}
     with tempfile.TemporaryDirectory(prefix="autoquant-sens-") as tmp:
-        for node in nodes:
-            path = Path(tmp, "single.onnx")
-            try:
-                build_qdq_model(prepared, ranges, BASELINE, path, nodes_to_quantize=[node])
-                result[node] = sqnr_db(reference, run_outputs(session(path), samples))
-            except Exception:  # a node ORT cannot quantize alone cannot hurt: rank it last
-                result[node] = float("inf")
-    atomic_write_json(cache, {"nodes": nodes, "sqnr_db": {k: (v if np.isfinite(v) else str(v)) for k, v in result.items()}})
+        path = Path(tmp, "single.onnx")
+        for precision, config in PRECISIONS.items():
+            for node in nodes:
+                try:
+                    build_qdq_model(prepared, ranges.ranges(config), config, path, nodes_to_quantize=[node])
+                    result[node][precision] = sqnr_db(reference, run_outputs(session(path), samples))
+                except Exception:  # a node ORT cannot quantize alone cannot hurt: rank it last
+                    result[node][precision] = float("inf")
+    atomic_write_json(cache, {"nodes": nodes, "precisions": list(PRECISIONS), "sqnr_db": {
+        n: {p: (v if np.isfinite(v) else str(v)) for p, v in d.items()} for n, d in result.items()}})
     return result
 
 
-def rank_nodes(sqnr: dict[str, float]) -> list[str]:
-    """Most sensitive first (lowest SQNR); ties keep graph order."""
-    order = {n: i for i, n in enumerate(sqnr)}
-    return sorted(sqnr, key=lambda n: (sqnr[n], order[n]))
+def rank_nodes(sensitivity: dict[str, dict[str, float]], precision: str = "w8a8") -> list[str]:
+    """Most sensitive first (lowest SQNR at ``precision``); ties keep graph order."""
+    order = {n: i for i, n in enumerate(sensitivity)}
+    return sorted(sensitivity, key=lambda n: (sensitivity[n][precision], order[n]))

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import yaml
@@ -41,7 +41,30 @@ KNOBS: dict[str, Knob] = {
     "bn_fold": Knob("choice", True, (True, False), doc="fold BatchNormalization into Conv/Gemm (cle=false)"),
     "bias_correction": Knob("choice", False, (False, True), doc="empirical bias correction after quantization"),
     "fallback_k": Knob("int", 0, bounds=(0, 1000), doc="k most sensitive compute nodes kept in float"),
+    "a16_k": Knob("int", 0, bounds=(0, 1000), doc="next k most sensitive nodes get 16-bit activations"),
+    "w4_fraction": Knob("float", 0.0, bounds=(0.0, 1.0), doc="least sensitive fraction of weights at 4 bits"),
 }
+
+#: Knobs that only act under a condition on knobs before them: (condition, value when it does not hold).
+#: Optuna does not sample them then, so its model of the space stays honest.
+CONDITIONAL: dict[str, tuple[Callable[[dict], bool], Any]] = {
+    "percentile": (lambda c: c["calibration"] == "percentile", None),
+    "bn_fold": (lambda c: not c["cle"], True),  # CLE needs Conv->Relu->Conv adjacency: it always folds BN
+    "a16_k": (lambda c: c["activation_bits"] == 8, 0),
+    "w4_fraction": (lambda c: c["weight_bits"] == 8, 0.0),
+}
+
+#: Common configurations tried first (projected into the space; knobs a space fixes keep its value),
+#: so a feasible model is usually found within the first few evals.
+STARTING_POINTS: list[tuple[str, dict[str, Any]]] = [
+    ("onnxruntime defaults: minmax, per-tensor, int8, no fallback", {}),
+    ("tensorrt-style: symmetric per-channel weights, symmetric entropy activations",
+     {"weight_granularity": "per_channel", "activation_symmetric": True, "calibration": "entropy"}),
+    ("per-channel weights, percentile activations",
+     {"weight_granularity": "per_channel", "calibration": "percentile", "percentile": 99.99}),
+    ("sensitivity-guided: the 2 most sensitive nodes in float", {"weight_granularity": "per_channel", "fallback_k": 2}),
+    ("cross-layer equalization, per-channel", {"weight_granularity": "per_channel", "cle": True}),
+]
 TOP_LEVEL_KEYS = {"name", "description", "knobs"}
 
 
@@ -168,11 +191,8 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial, n_fallback_nodes: int) -> dict[str, Any]:
         config: dict[str, Any] = {}
         for key, knob in KNOBS.items():
-            if key == "percentile" and config["calibration"] != "percentile":
-                config[key] = None
-                continue
-            if key == "bn_fold" and config["cle"]:
-                config[key] = True  # CLE needs Conv->Relu->Conv adjacency, so it always folds BatchNorm first
+            if key in CONDITIONAL and not CONDITIONAL[key][0](config):
+                config[key] = CONDITIONAL[key][1]
                 continue
             dom = self.domains.get(key)
             if dom is None:
@@ -182,29 +202,42 @@ class SearchSpace:
             elif dom.values is not None:
                 config[key] = trial.suggest_categorical(key, list(dom.values))
             elif knob.kind == "int":
-                high = min(int(dom.high), n_fallback_nodes) if key == "fallback_k" else int(dom.high)
+                high = min(int(dom.high), n_fallback_nodes) if key in ("fallback_k", "a16_k") else int(dom.high)
                 config[key] = trial.suggest_int(key, int(dom.low), max(int(dom.low), high))
             else:
                 config[key] = trial.suggest_float(key, dom.low, dom.high)
         return config
 
+    def starting_points(self) -> list[tuple[str, dict[str, Any]]]:
+        """STARTING_POINTS as Optuna params of this space: each knob takes the point's value if the
+        space allows it, else its default if allowed, else its first choice. Duplicates dropped."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for label, point in STARTING_POINTS:
+            params = self._project({**{k: knob.default for k, knob in KNOBS.items()}, **point})
+            if all(params != p for _, p in out):
+                out.append((label, params))
+        return out
+
     def baseline_params(self) -> dict[str, Any]:
         """Optuna params of ORT's defaults (minmax, per-tensor, 8/8, no fallback) projected into this space."""
+        return self.starting_points()[0][1]
+
+    def _project(self, wanted: dict[str, Any]) -> dict[str, Any]:
         params: dict[str, Any] = {}
         chosen: dict[str, Any] = {}
         for key, knob in KNOBS.items():
             dom = self.domains.get(key)
+            if key in CONDITIONAL and not CONDITIONAL[key][0](chosen):
+                chosen[key] = CONDITIONAL[key][1]
+                continue
             if dom is None or dom.fixed:
                 chosen[key] = knob.default if dom is None else (dom.values[0] if dom.values is not None else dom.low)
                 continue
-            if key == "percentile" and chosen["calibration"] != "percentile":
-                continue
-            if key == "bn_fold" and chosen["cle"]:
-                continue
+            want = wanted[key] if wanted[key] is not None else knob.default
             if dom.values is not None:
-                value = knob.default if knob.default in dom.values else dom.values[0]
+                value = want if want in dom.values else knob.default if knob.default in dom.values else dom.values[0]
             else:
-                value = min(max(knob.default, dom.low), dom.high)
+                value = min(max(want, dom.low), dom.high)
             params[key] = chosen[key] = value
         return params
 

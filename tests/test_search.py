@@ -1,0 +1,142 @@
+"""Search efficiency: sensitivity, mixed precision, pruning, starting points, stopping, plots."""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from optuna.trial import TrialState
+
+from autoquant import optimize
+from autoquant.demo import DemoTask, build_demo_model
+
+BASE = {"calibration": "minmax", "weight_bits": 8, "activation_bits": 8, "weight_granularity": "per_tensor",
+        "weight_rounding": "nearest_even", "cle": False, "bn_fold": True, "bias_correction": False}
+
+
+def quiet_optimize(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return optimize(*args, show_progress=False, **kw)
+
+
+def test_sensitivity_ranks_a_broken_node_first(demo, tmp_path):
+    model = build_demo_model(0)
+    inits = {t.name: t for t in model.graph.initializer}
+    arrays = {n: numpy_helper.to_array(inits[n]).copy() for n in ("conv2.w", "conv2.b", "fc1.w")}
+    arrays["conv2.w"][0], arrays["conv2.b"][0] = 0.0, -1.0  # channel 0 of conv2 is dead: relu(-1) = 0
+    arrays["fc1.w"][:, :64] = 1000.0  # huge weights that only ever multiply that dead channel: fp32 unchanged,
+    for name, arr in arrays.items():  # but per-tensor int8 of fc1 now rounds every real weight to zero
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    r = quiet_optimize(str(path), demo.calibration_data, lambda p: 1.0, allowed_accuracy_drop=1.0,
+                       search_space={"knobs": {**BASE, "fallback_k": {"low": 0, "high": 2}}}, n_trials=1,
+                       output_dir=tmp_path / "o")
+    sens = r.sensitivity()
+    assert list(sens.columns) == ["node", "sqnr_db_w8a8", "sqnr_db_w4a8", "sqnr_db_w8a16"]
+    assert sens["node"].iloc[0] == "fc1"
+    assert sens["sqnr_db_w8a8"].iloc[0] < sens["sqnr_db_w8a8"].iloc[1] - 10
+    assert set(sens["node"]) == {"conv1", "conv2", "fc1", "fc2"}
+
+
+def test_starting_points_run_first(demo, tmp_path):
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=6, output_dir=tmp_path / "o")
+    labels = [t.user_attrs.get("enqueued") for t in r.study.trials[:5]]
+    assert labels[0].startswith("onnxruntime defaults") and labels[1].startswith("tensorrt-style")
+    assert all(labels)
+    assert r.study.trials[1].params["calibration"] == "entropy"
+    assert r.study.trials[1].params["weight_granularity"] == "per_channel"
+
+
+def test_pruning_skips_the_full_eval_of_a_hopeless_trial(demo, tmp_path):
+    seen = []
+
+    def evaluate(path):
+        seen.append(path)
+        return demo.evaluate(path)
+
+    # trial 0: int8 per-tensor (infeasible: drop ~0.05); then 4-bit per-tensor weights: far lower SQNR
+    space = {"knobs": {**BASE, "weight_bits": [8, 4], "fallback_k": 0}}
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, evaluate, search_space=space, n_trials=6,
+                       output_dir=tmp_path / "o", seed=0)
+    pruned = [t for t in r.study.trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.params for t in r.study.trials]
+    for t in pruned:
+        assert t.params["weight_bits"] == 4 and "SQNR" in t.user_attrs["prune_reason"]
+        assert not any(p.endswith(f"trial_{t.number:05d}.onnx") for p in seen)  # never evaluated
+        assert not (tmp_path / "o" / "trials" / f"trial_{t.number:05d}.onnx").exists()
+    assert len(seen) < 1 + 6  # fewer full evals than trials
+    assert "prune_reason" not in r.study.trials[r.trial_number].user_attrs
+
+
+def test_no_pruning_when_disabled(demo, tmp_path):
+    space = {"knobs": {**BASE, "weight_bits": [8, 4], "fallback_k": 0}}
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, search_space=space, n_trials=6,
+                       output_dir=tmp_path / "o", seed=0, prune=False)
+    assert all(t.state == TrialState.COMPLETE for t in r.study.trials)
+
+
+def test_eval_subset_callback_prunes(demo, tmp_path):
+    subset_calls = []
+
+    def subset(path):
+        subset_calls.append(path)
+        return demo.evaluate(path)
+
+    space = {"knobs": {**BASE, "weight_bits": 4, "fallback_k": 0}}  # every trial ~0.1 drop
+    with pytest.raises(Exception, match="no trial"):
+        quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, search_space=space, n_trials=2,
+                       output_dir=tmp_path / "o", eval_subset_callback=subset, allowed_accuracy_drop=0.01)
+    assert subset_calls  # scored on the subset, pruned there, never fully evaluated
+
+
+def test_max_high_precision_fraction(demo, tmp_path):
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=10,
+                       output_dir=tmp_path / "o", max_high_precision_fraction=0.25, allowed_accuracy_drop=0.05)
+    complete = [t for t in r.study.trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert t.user_attrs["high_precision_fraction"] <= 0.25
+        assert t.user_attrs["config"]["activation_bits"] == 8
+    over = [t for t in r.study.trials if "max_high_precision_fraction" in t.user_attrs.get("prune_reason", "")]
+    assert all(t.state == TrialState.PRUNED for t in over)
+
+
+def test_mixed_precision_reaches_the_model(demo, tmp_path):
+    space = {"knobs": {**BASE, "weight_granularity": "per_channel", "fallback_k": 1, "a16_k": 1, "w4_fraction": 0.5}}
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, search_space=space, n_trials=1,
+                       output_dir=tmp_path / "o", allowed_accuracy_drop=1.0)
+    d = r.study.trials[0].user_attrs["details"]
+    assert len(d["float_nodes"]) == 1 and len(d["a16_nodes"]) == 1 and len(d["w4_nodes"]) == 1
+    assert not set(d["float_nodes"]) & set(d["a16_nodes"])
+    model = onnx.load(r.model_path)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    w4 = d["w4_nodes"][0]
+    weight = nodes[w4].input[1]  # DequantizeLinear output feeding the node
+    dq = next(n for n in model.graph.node if n.output[0] == weight)
+    assert inits[dq.input[0]].data_type == TensorProto.INT4
+    assert inits[dq.input[1]].dims and inits[dq.input[1]].dims[0] > 1  # still per-channel
+    a16 = nodes[d["a16_nodes"][0]]
+    dq_in = next(n for n in model.graph.node if n.output[0] == a16.input[0])
+    assert inits[dq_in.input[2]].data_type == TensorProto.UINT16
+    assert d["bops_ratio"] < 1.0
+
+
+def test_stop_when_feasible(demo, tmp_path):
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=20,
+                       output_dir=tmp_path / "o", stop_when_feasible=True)
+    done = [t for t in r.study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    feasible = [t for t in done if t.user_attrs.get("feasible")]
+    assert r.feasible and len(feasible) == 1 and feasible[0].number == max(t.number for t in done)
+    assert len(done) < 20
+
+
+def test_plot_written(demo, tmp_path):
+    pytest.importorskip("matplotlib")
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=3, output_dir=tmp_path / "o")
+    png = tmp_path / "o" / "pareto.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r.plot(tmp_path / "again.png").stat().st_size > 1000
