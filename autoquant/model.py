@@ -13,6 +13,7 @@ tensors go to ``<name>.onnx.data`` next to it (protobuf cannot hold 2 GB in one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -175,9 +176,10 @@ def _infer_shapes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
 
             # ORT's graph optimisation is skipped: it would fold BatchNorm, which is a searched knob here
             # (autoquant.variants / techniques.bn_fold).
-            quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=False,
-                              save_as_external_data=large, all_tensors_to_one_file=True,
-                              external_data_location=f"{dst.name}.data")
+            with _working_dir(tmp):  # ORT's symbolic shape inference dumps files into the cwd when it fails
+                quant_pre_process(str(src), str(dst), skip_optimization=True, skip_symbolic_shape=False,
+                                  save_as_external_data=large, all_tensors_to_one_file=True,
+                                  external_data_location=f"{dst.name}.data")
             onnx.checker.check_model(str(dst))
             return onnx.load(str(dst)), ["onnxruntime quant_pre_process (symbolic shape inference)"]
         except Exception as exc:  # fall back to plain ONNX shape inference: still quantizable
@@ -199,6 +201,16 @@ def prepare_model(proto: onnx.ModelProto, out_path: Path) -> PreparedModel:
     specs = input_specs(prepared)
     data = _save(prepared, out_path)
     return PreparedModel(out_path, _model_sha256(out_path, data), specs, steps, report)
+
+
+@contextlib.contextmanager
+def _working_dir(path: str | Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def compute_nodes(proto: onnx.ModelProto) -> list[str]:
