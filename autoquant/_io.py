@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -48,13 +49,10 @@ def remove_stale_tmp(folder: str | Path) -> list[Path]:
     removed = []
     if not folder.is_dir():
         return removed
-    host = socket.gethostname()
+    pattern = re.compile(rf"\..+\.{re.escape(socket.gethostname())}-(\d+)\.[^.]+\.tmp")  # host may hold dots
     for tmp in folder.rglob(".*.tmp"):
-        parts = tmp.name.rsplit(".", 3)  # ".<name>", "<host>-<pid>", "<random>", "tmp"
-        if len(parts) < 4:
-            continue
-        owner_host, _, pid = parts[1].rpartition("-")
-        if owner_host == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        m = pattern.fullmatch(tmp.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

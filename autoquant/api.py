@@ -332,7 +332,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                     "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
                     "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
                     "n_trials": int(n_trials), "select": select, "heartbeat_interval": float(heartbeat_interval),
-                    "eval_timeout": eval_timeout,
+                    "eval_timeout": eval_timeout, "objective": objective, "measure_latency": measure_latency,
+                    "prune": prune, "max_high_precision_fraction": max_high_precision_fraction,
                 },
             })
             eval_calls += 1
@@ -340,8 +341,10 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
                                                    else (None if storage is None else type(storage).__name__)})
 
-        ranked = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE  # the default variant
-        ranking = _ranking(study, space, models[ranked], statistics[ranked], cache_dir)
+        sources = _sources(models, statistics, cache_dir)
+        default = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE
+        if _uses_sensitivity(space):
+            _record_sensitivity(study, sources[default])
         recover_stale_trials(study, out / "trials", GRACE_FACTOR * heartbeat_interval)
         if not study.get_trials(deepcopy=False):
             for label, params in space.starting_points()[: int(n_trials)]:
@@ -350,7 +353,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
         pruner = _pruner(study, prepared, statistics, scoring, eval_subset_callback, prune) if (
             prune or eval_subset_callback) else None
-        objective = Objective(space=space, sources=_sources(models, statistics, cache_dir), ranking=ranking,
+        objective = Objective(space=space, sources=sources, n_compute_nodes=len(compute_nodes(models[default].load())),
                               pruner=pruner, max_high_precision_fraction=max_high_precision_fraction,
                               eval_callback=eval_callback, scoring=scoring,
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
@@ -387,21 +390,20 @@ def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type
         study.set_user_attr(k, v)
 
 
-def _ranking(study: optuna.Study, space: SearchSpace, prepared: PreparedModel, statistics, cache_dir: Path
-             ) -> dict[str, list[str]]:
-    """Compute nodes ranked by sensitivity, most sensitive first, per precision (measured once per study,
-    cached on disk and recorded in the study) — only when the space has a knob that uses it."""
+def _uses_sensitivity(space: SearchSpace) -> bool:
+    """Whether the space has a knob placing nodes by sensitivity (fallback, 16-bit, 4-bit)."""
     def used(knob: str) -> bool:
         dom = space.domains.get(knob)
         return dom is not None and bool((dom.values and max(dom.values) > 0) or (dom.high and dom.high > 0))
 
-    if not any(used(k) for k in ("fallback_k", "a16_k", "w4_fraction")):
-        return {}
-    sensitivity = measure_sensitivity(prepared.path, statistics, compute_nodes(prepared.load()), cache_dir)
+    return any(used(k) for k in ("fallback_k", "a16_k", "w4_fraction"))
+
+
+def _record_sensitivity(study: optuna.Study, source: Source) -> None:
+    """Measure the default variant's sensitivity now and record it in the study (result.sensitivity())."""
+    source.ranking()
     if "sensitivity" not in study.user_attrs:
-        study.set_user_attr("sensitivity", {n: {p: (v if np.isfinite(v) else None) for p, v in d.items()}
-                                            for n, d in sensitivity.items()})
-    return {p: rank_nodes(sensitivity, p) for p in ("w8a8", "w4a8")}
+        study.set_user_attr("sensitivity", source.measure_ranking.sensitivity)
 
 
 def _pruner(study: optuna.Study, prepared: PreparedModel, statistics: dict, scoring: Scoring,
@@ -425,9 +427,23 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
     out = {}
     for v, m in models.items():
         proto = m.load()
+        # ORT would quantize an unfolded BatchNorm's scale per tensor as a weight (one outlier channel
+        # then zeroes the others): BatchNorm that is not folded stays float.
+        keep_float = tuple(n.name for n in proto.graph.node if n.op_type == "BatchNormalization")
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
-                        frozenset(n.name for n in proto.graph.node), macs_per_node(proto))
+                        frozenset(n.name for n in proto.graph.node), macs_per_node(proto), keep_float,
+                        _ranking_measure(m, statistics[v], cache_dir))
     return out
+
+
+def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path):
+    def measure() -> dict[str, list[str]]:
+        sensitivity = measure_sensitivity(model.path, statistics, compute_nodes(model.load()), cache_dir)
+        measure.sensitivity = {n: {p: (v if np.isfinite(v) else None) for p, v in d.items()}
+                               for n, d in sensitivity.items()}
+        return {p: rank_nodes(sensitivity, p) for p in ("w8a8", "w4a8")}
+
+    return measure
 
 
 def _latency_probe(fp32_path: Path, prepared: PreparedModel, statistics: dict) -> LatencyProbe:

@@ -24,7 +24,8 @@ def _cmd_optimize(args) -> int:
         search_space=args.space, n_trials=args.n_trials, timeout=args.timeout, seed=args.seed,
         storage=args.storage, study_name=args.study_name, output_dir=args.output_dir, select=args.select,
         show_progress=not args.quiet, heartbeat_interval=args.heartbeat, eval_timeout=args.eval_timeout,
-        objective=args.objective, measure_latency=not args.no_latency,
+        objective=args.objective, measure_latency=not args.no_latency, prune=not args.no_prune,
+        stop_when_feasible=args.stop_when_feasible, max_high_precision_fraction=args.max_high_precision_fraction,
     )
     print(result.summary())
     return 0 if result.feasible else 3
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--objective", choices=["size", "latency", "bops"], default="size",
                    help="second objective of the search, next to accuracy (default: model size)")
     o.add_argument("--no-latency", action="store_true", help="do not measure each trial's ORT CPU latency")
+    o.add_argument("--no-prune", action="store_true", help="fully evaluate every trial, even hopeless ones")
+    o.add_argument("--stop-when-feasible", action="store_true", help="stop at the first feasible trial")
+    o.add_argument("--max-high-precision-fraction", type=float, default=None,
+                   help="at most this fraction of compute nodes kept float / 16-bit")
     o.add_argument("--eval-timeout", type=float, default=None,
                    help="seconds one eval may take; a slower trial is marked FAIL (default: no limit)")
     o.add_argument("--heartbeat", type=float, default=10.0,

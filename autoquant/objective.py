@@ -89,6 +89,14 @@ class Source:
     refiner: Refiner
     nodes: frozenset[str]
     macs: dict[str, int]  # per Conv/Gemm/MatMul node, for bit operations
+    always_float: tuple[str, ...]  # nodes never quantized in this variant (unfolded BatchNorm)
+    measure_ranking: Callable[[], dict[str, list[str]]]  # sensitivity ranking, measured on first need
+    _ranking: dict[str, list[str]] | None = None
+
+    def ranking(self) -> dict[str, list[str]]:
+        if self._ranking is None:
+            self._ranking = self.measure_ranking()
+        return self._ranking
 
 
 @dataclass
@@ -114,12 +122,12 @@ OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms", "bops": "bops"}
 class Objective:
     """The callable handed to ``study.optimize``. Returns (accuracy, model bytes)."""
 
-    def __init__(self, *, space: SearchSpace, sources: dict[str, Source], ranking: dict[str, list[str]],
+    def __init__(self, *, space: SearchSpace, sources: dict[str, Source], n_compute_nodes: int,
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
                  heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
                  latency: LatencyProbe | None = None, pruner: Pruner | None = None,
                  max_high_precision_fraction: float | None = None):
-        self.space, self.sources, self.ranking = space, sources, ranking
+        self.space, self.sources, self.n_compute_nodes = space, sources, n_compute_nodes
         self.pruner, self.max_high_precision_fraction = pruner, max_high_precision_fraction
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
         self.n_trials, self.heartbeat_interval, self.eval_timeout = n_trials, heartbeat_interval, eval_timeout
@@ -155,7 +163,7 @@ class Objective:
             raise BudgetReached(f"study already has {self.n_trials} trials done or running")
 
     def _run(self, trial: optuna.Trial, path: Path, t0: float) -> tuple[float, float]:
-        config = self.space.suggest(trial, len(self.ranking.get("w8a8", ())))
+        config = self.space.suggest(trial, self.n_compute_nodes)
         variant = variant_of(config)
         src = self.sources[variant]
         fallback, mixed = self._plan(config, src)
@@ -163,7 +171,7 @@ class Objective:
         self._check_high_precision(trial, config, fallback, mixed, src)
         t_build = time.perf_counter()
         try:
-            info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, fallback,
+            info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, [*fallback, *src.always_float],
                                    refine=lambda model: src.refiner.apply(model, config), mixed=mixed)
         except Exception as exc:
             raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
@@ -215,17 +223,20 @@ class Objective:
     def _plan(self, config: dict, src: Source) -> tuple[list[str], MixedPrecision]:
         """Sensitivity-ranked per-node precision: the fallback_k most sensitive nodes float, the next
         a16_k with 16-bit activations, the least sensitive w4_fraction of weighted nodes at 4 bits."""
-        order = [n for n in self.ranking.get("w8a8", ()) if n in src.nodes]
+        if not (config["fallback_k"] or config.get("a16_k") or config.get("w4_fraction")):
+            return [], MixedPrecision()
+        ranking = src.ranking()  # measured on this variant: folding BN / CLE change what is sensitive
+        order = [n for n in ranking["w8a8"] if n not in src.always_float]
         fallback = order[: config["fallback_k"]]
         a16 = order[config["fallback_k"]: config["fallback_k"] + config.get("a16_k", 0)]
-        weighted = [n for n in reversed(self.ranking.get("w4a8", ())) if n in src.macs and n not in fallback]
+        weighted = [n for n in reversed(ranking["w4a8"]) if n in src.macs and n not in fallback]
         w4 = weighted[: int(config.get("w4_fraction", 0.0) * len(weighted))]
         return fallback, MixedPrecision(tuple(a16), tuple(w4))
 
     def _check_high_precision(self, trial: optuna.Trial, config: dict, fallback: list[str], mixed: MixedPrecision,
                               src: Source) -> None:
         """Prune, before any work, a config over max_high_precision_fraction (float or 16-bit nodes)."""
-        n = max(1, len(self.ranking.get("w8a8", ())) or len(src.macs))
+        n = max(1, self.n_compute_nodes)
         high = 1.0 if config["activation_bits"] > 8 or config["weight_bits"] > 8 else (len(fallback) + len(mixed.a16_nodes)) / n
         trial.set_user_attr("high_precision_fraction", high)
         if self.max_high_precision_fraction is not None and high > self.max_high_precision_fraction + 1e-12:

@@ -73,23 +73,36 @@ class Refiner:
         return self._layer_inputs
 
     def _cache(self) -> dict[str, np.ndarray]:
+        """In-memory results merged with the file (other workers may have added layers since)."""
         if self._adaround_cache is None:
             self._adaround_cache = {}
-            if self.cache_path.exists():
-                try:
-                    with np.load(self.cache_path, allow_pickle=False) as z:
-                        self._adaround_cache = {k: z[k] for k in z.files}
-                except Exception:  # unreadable (e.g. written by another version): recompute
-                    self._adaround_cache = {}
+        self._adaround_cache.update({k: v for k, v in self._read_file().items() if k not in self._adaround_cache})
         return self._adaround_cache
 
-    def _save_cache(self) -> None:
-        def write(tmp: str) -> None:
-            buf = io.BytesIO()
-            np.savez(buf, **self._adaround_cache)
-            Path(tmp).write_bytes(buf.getvalue())
+    def _read_file(self) -> dict[str, np.ndarray]:
+        if not self.cache_path.exists():
+            return {}
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception:  # unreadable (e.g. written by another version): recompute
+            return {}
 
-        atomic_write(self.cache_path, write)
+    def _save_cache(self) -> None:
+        """Merge with what other workers wrote meanwhile, under a lock, then replace the file atomically."""
+        import fcntl
+
+        with open(self.cache_path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = {**self._read_file(), **self._adaround_cache}
+
+            def write(tmp: str) -> None:
+                buf = io.BytesIO()
+                np.savez(buf, **merged)
+                Path(tmp).write_bytes(buf.getvalue())
+
+            atomic_write(self.cache_path, write)
+            self._adaround_cache = merged
 
 
 def _samples_key(samples: list[Feed]) -> str:

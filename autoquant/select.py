@@ -5,6 +5,7 @@ from __future__ import annotations
 from optuna.trial import FrozenTrial
 
 SELECT_MODES = ("smallest", "most_accurate", "fastest", "fewest_bops")
+FASTER = 0.9  # latency ratio counted as "faster than fp32": single-sample timings vary by several %
 _METRIC = {"smallest": "size_bytes", "fastest": "latency_ms", "fewest_bops": "bops"}
 
 
@@ -22,8 +23,9 @@ def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
 def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list[FrozenTrial]:
     """Best first: feasible trials by ``select``; if none is feasible, the most accurate first.
 
-    "smallest" prefers, among feasible trials, those measured no slower than fp32 when there are any:
-    a smaller file that runs slower than float is not what a user quantizes for.
+    "smallest" prefers, among feasible trials, those measured clearly faster than fp32 (latency ratio
+    <= FASTER, a margin over timing noise) when there are any: a smaller file that runs slower than float
+    is not what a user quantizes for.
     """
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -33,7 +35,7 @@ def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list
             key = lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number)  # noqa: E731
             return sorted(feasible, key=key)
         if select == "smallest":
-            not_slower = [t for t in feasible if (t.user_attrs.get("details", {}).get("latency_ratio") or 2.0) <= 1.0]
+            not_slower = [t for t in feasible if (t.user_attrs.get("details", {}).get("latency_ratio") or 2.0) <= FASTER]
             feasible = not_slower or feasible
         key = lambda t: (_metric(t, select), -_goodness(t, higher_is_better), t.number)  # noqa: E731
         return sorted(feasible, key=key)

@@ -61,7 +61,7 @@ def measure_sensitivity(prepared: Path, stats: Statistics, nodes: list[str], cac
                         max_samples: int = 4) -> dict[str, dict[str, float]]:
     """Per node, per precision in PRECISIONS: SQNR (dB) of the model outputs when only that node is
     quantized. No user eval; cached on disk by the statistics key (a hash of model and data)."""
-    cache = cache_dir / f"sensitivity-{stats.key}.json"
+    cache = cache_dir / f"sensitivity-{stats.key}-{_file_key(prepared)}.json"  # variants share statistics
     if cache.exists():
         data = json.loads(cache.read_text())
         if data.get("nodes") == nodes and data.get("precisions") == list(PRECISIONS):
@@ -82,6 +82,12 @@ def measure_sensitivity(prepared: Path, stats: Statistics, nodes: list[str], cac
     atomic_write_json(cache, {"nodes": nodes, "precisions": list(PRECISIONS), "sqnr_db": {
         n: {p: (v if np.isfinite(v) else str(v)) for p, v in d.items()} for n, d in result.items()}})
     return result
+
+
+def _file_key(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def rank_nodes(sensitivity: dict[str, dict[str, float]], precision: str = "w8a8") -> list[str]:

