@@ -43,12 +43,14 @@ from .report import save_csv, trials_frame
 from .result import OptimizeResult
 from .select import SELECT_MODES, rank
 from .sensitivity import measure_sensitivity, rank_nodes
-from .space import KNOBS, SearchSpace
+from .space import KNOBS, SearchSpace, preset_names
 from .study import DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, open_storage, recover_stale_trials
 
 _log = logging.getLogger("autoquant")
 DELIVERED_MODEL = "quantized.onnx"
 DELIVERED_ENCODINGS = "quantized.encodings.json"
+EXPORT_SUFFIX = {"aimet": ".encodings.json", "aimet-0.6.1": ".encodings-0.6.1.json", "tensorrt-cache": ".trt-calib.cache",
+                 "ncnn-table": ".ncnn.table"}
 STUDY_ATTRS = {
     "model_sha256", "fp32_size_bytes", "allowed_accuracy_drop", "drop_type", "higher_is_better", "search_space",
     "objective", "stats_key", "prepared_model", "preparation", "seed", "launch", "baseline_accuracy",
@@ -92,6 +94,19 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
         raise ConfigError(f"heartbeat_interval must be a number of seconds > 0, got {heartbeat_interval!r}")
     if study_name is not None and (not isinstance(study_name, str) or not study_name.strip()):
         raise ConfigError(f"study_name must be a non-empty string or None, got {study_name!r}")
+
+
+def _space_for(search_space, target: str | None) -> SearchSpace:
+    """The search space, restricted to a target preset's limits when ``target`` names one."""
+    if target is None:
+        return SearchSpace.load(search_space)
+    targets = [n for n in preset_names() if n != "default"]
+    if not isinstance(target, str) or target not in targets:
+        raise ConfigError(f"target must be None or one of {targets}, got {target!r}")
+    preset = SearchSpace.load(target)
+    if isinstance(search_space, str) and search_space == "default":
+        return preset
+    return SearchSpace.load(search_space).restricted_to(preset)
 
 
 def _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high_precision_fraction) -> None:
@@ -264,6 +279,7 @@ def optimize(
     eval_subset_callback: Callable[[str], float] | None = None,
     stop_when_feasible: bool = False,
     max_high_precision_fraction: float | None = None,
+    target: str | None = None,
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
@@ -277,7 +293,7 @@ def optimize(
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
                          search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
                          heartbeat_interval, eval_timeout, objective, measure_latency, prune, eval_subset_callback,
-                         stop_when_feasible, max_high_precision_fraction)
+                         stop_when_feasible, max_high_precision_fraction, target)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -285,12 +301,12 @@ def optimize(
 def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
               show_progress, heartbeat_interval, eval_timeout, objective, measure_latency, prune,
-              eval_subset_callback, stop_when_feasible, max_high_precision_fraction) -> OptimizeResult:
+              eval_subset_callback, stop_when_feasible, max_high_precision_fraction, target) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
                 select, output_dir, study_name, heartbeat_interval, eval_timeout, objective, measure_latency)
     _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high_precision_fraction)
-    space = SearchSpace.load(search_space)
+    space = _space_for(search_space, target)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
     model_sha = sha256_bytes(model_bytes)
@@ -524,6 +540,11 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         preparation=dict(study.user_attrs.get("preparation", {})),
         latency_ratio=details.get("latency_ratio"), bops_ratio=details.get("bops_ratio"),
     )
+    fmt = (study.user_attrs.get("search_space", {}).get("target") or {}).get("export")
+    if fmt:  # the target runtime's own file, next to the model
+        from .export import export
+
+        result.export_path = str(export(model_path, out / f"quantized{EXPORT_SUFFIX[fmt]}", fmt))
     save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
     try:
         result.plot(out / "pareto.png")

@@ -187,6 +187,7 @@ def build_qdq_model(
     nodes_to_quantize: list[str] | None = None,
     refine: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
     mixed: MixedPrecision | None = None,
+    writer_options: dict[str, Any] | None = None,
 ) -> BuildInfo:
     """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically.
 
@@ -203,6 +204,7 @@ def build_qdq_model(
         "ActivationSymmetric": asym,
         "WeightSymmetric": wsym,
         "ForceQuantizeNoInputCheck": False,
+        **(writer_options or {}),  # how a target runtime wants the QDQ model written (space file `target:`)
     }
     per_channel = config["weight_granularity"] == "per_channel"
     if (per_channel and not wsym) or mixed:

@@ -26,6 +26,7 @@ def _cmd_optimize(args) -> int:
         show_progress=not args.quiet, heartbeat_interval=args.heartbeat, eval_timeout=args.eval_timeout,
         objective=args.objective, measure_latency=not args.no_latency, prune=not args.no_prune,
         stop_when_feasible=args.stop_when_feasible, max_high_precision_fraction=args.max_high_precision_fraction,
+        target=args.target,
     )
     print(result.summary())
     return 0 if result.feasible else 3
@@ -79,9 +80,9 @@ def _cmd_export(args) -> int:
     model = out / "quantized.onnx"
     if not model.exists():
         raise ConfigError(f"{out} holds no delivered model (quantized.onnx); run `autoquant optimize` first")
-    suffix = {"aimet": ".encodings.json", "aimet-0.6.1": ".encodings-0.6.1.json", "tensorrt-cache": ".trt-calib.cache",
-              "ncnn-table": ".ncnn.table"}.get(args.format, "")
-    path = export(model, Path(args.out) if args.out else out / f"quantized{suffix}", args.format)
+    from .api import EXPORT_SUFFIX
+
+    path = export(model, Path(args.out) if args.out else out / f"quantized{EXPORT_SUFFIX[args.format]}", args.format)
     print(path)
     return 0
 
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--drop-type", choices=["absolute", "relative"], default="absolute")
     o.add_argument("--lower-is-better", action="store_true", help="the metric is a loss / error rate")
     o.add_argument("--space", default="default", help="preset name or .yaml/.json space file")
+    o.add_argument("--target", default=None, choices=["ort_cpu", "tensorrt", "qnn_htp", "ncnn"],
+                   help="deployment target: restricts the space to what it runs well, writes its files")
     o.add_argument("--n-trials", type=int, default=50)
     o.add_argument("--timeout", type=float, default=None, help="seconds for this run")
     o.add_argument("--seed", type=int, default=0)

@@ -172,7 +172,8 @@ class Objective:
         t_build = time.perf_counter()
         try:
             info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, [*fallback, *src.always_float],
-                                   refine=lambda model: src.refiner.apply(model, config), mixed=mixed)
+                                   refine=lambda model: src.refiner.apply(model, config), mixed=mixed,
+                                   writer_options=self.space.target.get("extra_options"))
         except Exception as exc:
             raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
         t_build = time.perf_counter() - t_build

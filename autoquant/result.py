@@ -32,6 +32,7 @@ class OptimizeResult:
     preparation: dict[str, Any] = field(default_factory=dict)  # steps, quantizable count, nodes kept float + why
     latency_ratio: float | None = None  # ORT CPU latency / fp32 latency, 1 thread, measured in the same process
     bops_ratio: float | None = None  # bit operations / fp32 bit operations
+    export_path: str | None = None  # the target runtime's file (TensorRT cache, ncnn table), when a target asks
 
     @property
     def size_ratio(self) -> float:

@@ -65,7 +65,13 @@ STARTING_POINTS: list[tuple[str, dict[str, Any]]] = [
     ("sensitivity-guided: the 2 most sensitive nodes in float", {"weight_granularity": "per_channel", "fallback_k": 2}),
     ("cross-layer equalization, per-channel", {"weight_granularity": "per_channel", "cle": True}),
 ]
-TOP_LEVEL_KEYS = {"name", "description", "knobs"}
+TOP_LEVEL_KEYS = {"name", "description", "knobs", "target"}
+#: what a target preset's `target:` section may set: ORT quantizer options for how the QDQ model is
+#: written, and an export written next to the delivered model
+TARGET_KEYS = {"runtime", "extra_options", "export"}
+WRITER_OPTIONS = {"AddQDQPairToWeight", "DedicatedQDQPair", "QDQKeepRemovableActivations", "MinimumRealRange",
+                  "ActivationRestrictedAsymmetric", "QDQDisableWeightAdjustForInt32Bias"}
+EXPORTS = ("aimet", "aimet-0.6.1", "tensorrt-cache", "ncnn-table")
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,7 @@ class SearchSpace:
         if bad:
             raise _err(name, f"unknown knob(s) {bad}; known knobs: {sorted(KNOBS)}")
         self.name = str(spec.get("name", name))
+        self.target = _target(name, spec.get("target") or {})
         self.domains: dict[str, Domain] = {k: _domain(name, k, v) for k, v in knobs.items()}
         self._check_consistent(name)
 
@@ -242,10 +249,51 @@ class SearchSpace:
         return params
 
     def to_json(self) -> dict:
-        return {"name": self.name, "knobs": {k: d.to_json() for k, d in sorted(self.domains.items())}}
+        out = {"name": self.name, "knobs": {k: d.to_json() for k, d in sorted(self.domains.items())}}
+        if self.target:
+            out["target"] = self.target
+        return out
+
+    def restricted_to(self, target: "SearchSpace") -> "SearchSpace":
+        """This space within a target preset's limits: each knob keeps only the values the target allows
+        (a knob this space drops takes the target's domain). Empty intersections are an error."""
+        knobs = {k: d.to_json() for k, d in self.domains.items()}
+        for key, tdom in target.domains.items():
+            mine = self.domains.get(key)
+            if mine is None:
+                knobs[key] = tdom.to_json()
+                continue
+            if tdom.values is not None and mine.values is not None:
+                both = [v for v in mine.values if v in tdom.values]
+            elif tdom.values is not None:  # my range, the target's choices
+                both = [v for v in tdom.values if mine.low <= v <= mine.high]
+            elif mine.values is not None:
+                both = [v for v in mine.values if tdom.low <= v <= tdom.high]
+            else:
+                low, high = max(mine.low, tdom.low), min(mine.high, tdom.high)
+                both = {"low": low, "high": high} if low <= high else []
+            if not both:
+                raise SearchSpaceError(f"search space {self.name}: knob {key!r} allows {mine.to_json()}, target "
+                                       f"{target.name!r} only {tdom.to_json()}: no value satisfies both")
+            knobs[key] = both
+        calibration = knobs.get("calibration", [KNOBS["calibration"].default])
+        if "percentile" not in (calibration if isinstance(calibration, list) else [calibration]):
+            knobs.pop("percentile", None)  # cannot take effect any more
+        return SearchSpace({"name": f"{self.name}@{target.name}", "knobs": knobs, "target": target.target})
 
     def fingerprint(self) -> str:
-        return json.dumps(self.to_json()["knobs"], sort_keys=True)
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+def _target(name: str, spec: Any) -> dict:
+    if not isinstance(spec, dict) or set(spec) - TARGET_KEYS:
+        raise _err(name, f"'target' must be a mapping with keys from {sorted(TARGET_KEYS)}, got {spec!r}")
+    extra = spec.get("extra_options") or {}
+    if not isinstance(extra, dict) or set(extra) - WRITER_OPTIONS:
+        raise _err(name, f"target extra_options may set {sorted(WRITER_OPTIONS)}, got {extra!r}")
+    if spec.get("export") not in (None, *EXPORTS):
+        raise _err(name, f"target export must be one of {list(EXPORTS)}, got {spec.get('export')!r}")
+    return dict(spec)
 
 
 def _parse(text: str, where: str) -> dict:
