@@ -21,6 +21,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from ._io import atomic_write
 from .observers import make_observer
+from .modes import build_dynamic, build_weight_only
 from .qtypes import ONNX_INT_TYPES, quant_type, weight_quant_type
 from .stats import Statistics
 
@@ -177,24 +178,9 @@ def source_for(prepared_path: Path, config: dict[str, Any], mixed: MixedPrecisio
     return target
 
 
-def build_qdq_model(
-    prepared_path: Path,
-    ranges: dict[str, tuple[float, float]],
-    config: dict[str, Any],
-    out_path: Path,
-    fallback_nodes: list[str] = (),
-    float_inits: dict[str, np.ndarray] | None = None,
-    nodes_to_quantize: list[str] | None = None,
-    refine: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
-    mixed: MixedPrecision | None = None,
-    writer_options: dict[str, Any] | None = None,
-) -> BuildInfo:
-    """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically.
-
-    ``refine`` (a :class:`autoquant.refine.Refiner`'s ``apply`` bound to the config) rewrites weights
-    after ORT (rounding mode, AdaRound, bias correction). Without it only ties-away rounding is
-    available, from ``float_inits`` (or the prepared model's initializers).
-    """
+def _build_static(prepared_path: Path, ranges: dict, config: dict[str, Any], fallback_nodes, nodes_to_quantize,
+                  mixed: MixedPrecision | None, writer_options: dict[str, Any] | None) -> onnx.ModelProto:
+    """ORT quantize_static from the given activation ranges (via its calibration cache: no inference)."""
     tensors = TensorsData(
         CalibrationMethod.MinMax,
         {n: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32)) for n, (lo, hi) in ranges.items()},
@@ -236,7 +222,37 @@ def build_qdq_model(
             )
         finally:
             quiet.setLevel(level)
-        model = onnx.load(str(raw))
+        return onnx.load(str(raw))
+
+
+def build_qdq_model(
+    prepared_path: Path,
+    ranges: dict[str, tuple[float, float]],
+    config: dict[str, Any],
+    out_path: Path,
+    fallback_nodes: list[str] = (),
+    float_inits: dict[str, np.ndarray] | None = None,
+    nodes_to_quantize: list[str] | None = None,
+    refine: Callable[[onnx.ModelProto], dict[str, Any]] | None = None,
+    mixed: MixedPrecision | None = None,
+    writer_options: dict[str, Any] | None = None,
+) -> BuildInfo:
+    """Quantize ``prepared_path`` per ``config`` with activation ``ranges``; write ``out_path`` atomically.
+
+    ``refine`` (a :class:`autoquant.refine.Refiner`'s ``apply`` bound to the config) rewrites weights
+    after ORT (rounding mode, AdaRound, bias correction). Without it only ties-away rounding is
+    available, from ``float_inits`` (or the prepared model's initializers).
+    """
+    mode = config.get("mode", "static")
+    if mode == "dynamic":
+        model = build_dynamic(prepared_path, config, out_path, list(fallback_nodes))
+    elif mode == "weight_only":
+        source = source_for(prepared_path, config, mixed)
+        graph = onnx.load(str(source))
+        model = build_weight_only(graph, config, list(fallback_nodes), weight_channel_axes(graph),
+                                  mixed.w4_nodes if mixed else ())
+    else:
+        model = _build_static(prepared_path, ranges, config, fallback_nodes, nodes_to_quantize, mixed, writer_options)
     if refine is not None:
         details = refine(model)
     elif config.get("weight_rounding") == "adaround" or config.get("bias_correction"):

@@ -57,12 +57,13 @@ def bops(macs: dict[str, int], config: dict[str, Any], float_nodes=(), a16_nodes
     """Bit operations: MACs x weight bits x activation bits per node; 32 x 32 for nodes kept float,
     16-bit activations / 4-bit weights for the mixed-precision nodes."""
     total = 0.0
+    weight_only = config.get("mode") == "weight_only"  # activations stay float
     for name, m in macs.items():
         if name in float_nodes:
             total += m * 32 * 32
             continue
         wb = 4 if name in w4_nodes else config["weight_bits"]
-        ab = 16 if name in a16_nodes else config["activation_bits"]
+        ab = 32 if weight_only else 16 if name in a16_nodes else config["activation_bits"]
         total += m * wb * ab
     return total
 

@@ -77,6 +77,12 @@ def encodings_from_model(model: onnx.ModelProto) -> dict[str, Any]:
             params.setdefault(name, _entry(name, scale, zp, zp_type))
         elif node.op_type == "QuantizeLinear" and src not in inits:
             acts.setdefault(src, _entry(src, scale, zp, zp_type))
+    for name, t in inits.items():  # dynamic quantization (MatMulInteger / ConvInteger): ORT's naming
+        base = name[: -len("_quantized")] if name.endswith("_quantized") else None
+        if base and base not in params and f"{base}_scale" in inits and t.data_type in ONNX_INT_TYPES:
+            zp_name = f"{base}_zero_point"
+            zp = array(zp_name) if zp_name in inits else np.zeros(1, np.int64)
+            params[base] = _entry(base, array(f"{base}_scale"), zp, t.data_type)
     return {
         "version": VERSION,
         "activation_encodings": sorted(acts.values(), key=lambda e: e["name"]),

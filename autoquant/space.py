@@ -29,6 +29,8 @@ class Knob:
 
 
 KNOBS: dict[str, Knob] = {
+    "mode": Knob("choice", "static", ("static", "dynamic", "weight_only"),
+                 doc="static QDQ; dynamic (ORT quantize_dynamic); weight_only (float activations)"),
     "calibration": Knob("choice", "minmax", tuple(OBSERVERS), doc="activation range method"),
     "percentile": Knob("float", 99.999, bounds=(90.0, 100.0), doc="percentile of |x| (calibration=percentile)"),
     "weight_granularity": Knob("choice", "per_tensor", ("per_tensor", "per_channel")),
@@ -47,11 +49,18 @@ KNOBS: dict[str, Knob] = {
 
 #: Knobs that only act under a condition on knobs before them: (condition, value when it does not hold).
 #: Optuna does not sample them then, so its model of the space stays honest.
+_STATIC = (lambda c: c["mode"] == "static")
 CONDITIONAL: dict[str, tuple[Callable[[dict], bool], Any]] = {
-    "percentile": (lambda c: c["calibration"] == "percentile", None),
+    "calibration": (_STATIC, "minmax"),  # activation knobs: only static quantization has activation ranges
+    "percentile": (lambda c: c["mode"] == "static" and c["calibration"] == "percentile", None),
+    "activation_symmetric": (_STATIC, False),
+    "activation_bits": (_STATIC, 8),
+    "weight_bits": (lambda c: c["mode"] != "dynamic", 8),  # ORT's dynamic kernels are int8
+    "weight_rounding": (lambda c: c["mode"] != "dynamic", "nearest_even"),  # ORT rounds dynamic weights itself
+    "bias_correction": (_STATIC, False),
     "bn_fold": (lambda c: not c["cle"], True),  # CLE needs Conv->Relu->Conv adjacency: it always folds BN
-    "a16_k": (lambda c: c["activation_bits"] == 8, 0),
-    "w4_fraction": (lambda c: c["weight_bits"] == 8, 0.0),
+    "a16_k": (lambda c: c["mode"] == "static" and c["activation_bits"] == 8, 0),
+    "w4_fraction": (lambda c: c["mode"] != "dynamic" and c["weight_bits"] == 8, 0.0),
 }
 
 #: Common configurations tried first (projected into the space; knobs a space fixes keep its value),
