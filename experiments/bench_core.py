@@ -48,6 +48,8 @@ from autoquant.demo import DemoTask
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import cpu_model, git_rev, md_table, session  # noqa: E402
 ALLOWED_DROP = 0.01
 
 
@@ -161,13 +163,6 @@ class FeedReader(CalibrationDataReader):
         return next(self._it, None)
 
 
-def session(path, threads=1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def latencies(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int = 10) -> dict[str, float]:
@@ -185,31 +180,10 @@ def latencies(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int = 10
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "autoquant"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (autoquant/ modified)" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def md_table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def f(x, fmt=".4f"):

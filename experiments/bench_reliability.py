@@ -63,6 +63,8 @@ from autoquant.study import Heartbeat, open_storage
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import cpu_model, git_rev, md_table, session  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 import test_resume as harness  # noqa: E402  (the SIGKILL harness of the test suite)
 
@@ -79,25 +81,8 @@ OVERHEAD_SPACE = {"knobs": {"calibration": ["minmax", "percentile", "entropy"], 
 # environment
 # ---------------------------------------------------------------------------------------------
 
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "autoquant"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (autoquant/ modified)" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fs_type(path: Path) -> str:
