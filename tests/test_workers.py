@@ -102,7 +102,8 @@ def check_study(study: optuna.Study, tmp_path: Path) -> None:
     assert dead.state == TrialState.FAIL and "process died" in dead.user_attrs["fail_reason"]
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed]
     assert len(retried) == 1 and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retried[0].params == dead.params
+    # a kill before the sampler ran leaves only the enqueued (fixed) params on the dead trial
+    assert retried[0].params == {**dead.system_attrs.get("fixed_params", {}), **dead.params}
     owners = {t.user_attrs["owner"] for t in study.trials if t.state == TrialState.COMPLETE}
     assert len(owners) >= 2, owners  # the work was shared
     result = json.loads((tmp_path / "out" / "result.json").read_text())
