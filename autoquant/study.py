@@ -92,6 +92,18 @@ def create_or_load(storage: BaseStorage, name: str, higher_is_better: bool, seed
                                              multivariate=True, group=True)
     directions = ["maximize" if higher_is_better else "minimize", "minimize"]  # accuracy, model bytes
     try:
+        # Load first, create only if absent: a kill during SQLite schema creation can leave the studies
+        # table without its unique index, and create_study(load_if_exists=True) would then insert a
+        # second study of the same name instead of loading the first.
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        if [d.name.lower() for d in study.directions] != directions:
+            raise StorageError(f"study {name!r} was created with higher_is_better="
+                               f"{study.directions[0].name == 'MAXIMIZE'}, this call passes higher_is_better="
+                               f"{higher_is_better}; pass another study_name or output_dir")
+        return study
+    except KeyError:
+        pass
+    try:
         return optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler,
                                    load_if_exists=True)
     except ValueError as exc:  # e.g. an existing study with other directions
