@@ -129,13 +129,18 @@ def _fold_conv(conv: onnx.NodeProto, a: np.ndarray, c: np.ndarray, w: _Weights, 
         bname = _private(conv, 2, w, uses, "bnfold")
         w.set(bname, w.get(bname) * a + c)
     else:
-        bname = w.fresh_name(f"{conv.name or wname}_bias")
-        w.set(bname, c, w.dtypes[wname])
-        if len(conv.input) > 2:
-            conv.input[2] = bname
-        else:
-            conv.input.append(bname)
-        uses[bname] = 1
+        _add_bias(conv, wname, c, w, uses)
+
+
+def _add_bias(node: onnx.NodeProto, wname: str, c: np.ndarray, w: "_Weights", uses: dict[str, int]) -> None:
+    """Give a Conv / Gemm without a bias the new bias ``c`` (as its third input)."""
+    bname = w.fresh_name(f"{node.name or wname}_bias")
+    w.set(bname, c, w.dtypes[wname])
+    if len(node.input) > 2:
+        node.input[2] = bname
+    else:
+        node.input.append(bname)
+    uses[bname] = 1
 
 
 def _fold_gemm(gemm: onnx.NodeProto, a: np.ndarray, c: np.ndarray, w: _Weights, uses: dict[str, int]) -> None:
@@ -147,13 +152,7 @@ def _fold_gemm(gemm: onnx.NodeProto, a: np.ndarray, c: np.ndarray, w: _Weights, 
         bname = _private(gemm, 2, w, uses, "bnfold")
         w.set(bname, beta * w.get(bname) * a + c)  # broadcasts over the output columns, as Gemm does
     else:
-        bname = w.fresh_name(f"{gemm.name or wname}_bias")
-        w.set(bname, c, w.dtypes[wname])
-        if len(gemm.input) > 2:
-            gemm.input[2] = bname
-        else:
-            gemm.input.append(bname)
-        uses[bname] = 1
+        _add_bias(gemm, wname, c, w, uses)
     if beta != 1.0:
         _set_float_attr(gemm, "beta", 1.0)
 
