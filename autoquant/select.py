@@ -5,7 +5,6 @@ from __future__ import annotations
 from optuna.trial import FrozenTrial
 
 SELECT_MODES = ("smallest", "most_accurate", "fastest", "fewest_bops")
-FASTER = 0.9  # latency ratio counted as "faster than fp32": single-sample timings vary by several %
 _METRIC = {"smallest": "size_bytes", "fastest": "latency_ms", "fewest_bops": "bops"}
 
 
@@ -23,9 +22,10 @@ def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
 def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list[FrozenTrial]:
     """Best first: feasible trials by ``select``; if none is feasible, the most accurate first.
 
-    "smallest" prefers, among feasible trials, those measured clearly faster than fp32 (latency ratio
-    <= FASTER, a margin over timing noise) when there are any: a smaller file that runs slower than float
-    is not what a user quantizes for.
+    Selection uses deterministic metrics unless asked otherwise: "smallest" ranks by file size only.
+    (Preferring trials measured faster than fp32 made the choice depend on timing noise: under load a
+    nearly-float model measured "faster" and was delivered. Latency is recorded for every trial and
+    ``select="fastest"`` / ``objective="latency"`` use it when the user asks.)
     """
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -34,9 +34,6 @@ def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list
         if select == "most_accurate":
             key = lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number)  # noqa: E731
             return sorted(feasible, key=key)
-        if select == "smallest":
-            not_slower = [t for t in feasible if (t.user_attrs.get("details", {}).get("latency_ratio") or 2.0) <= FASTER]
-            feasible = not_slower or feasible
         key = lambda t: (_metric(t, select), -_goodness(t, higher_is_better), t.number)  # noqa: E731
         return sorted(feasible, key=key)
     return sorted(trials, key=lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number))
