@@ -90,6 +90,8 @@ class _TensorAccumulator:
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():  # e.g. -inf attention masks: a range covers the finite values only
+            x = x[np.isfinite(x)]
         if x.size == 0:
             return
         bmin, bmax = float(x.min()), float(x.max())

@@ -103,3 +103,12 @@ def test_mse_is_bit_width_aware():
 def test_unknown_method():
     with pytest.raises(ValueError, match="choose one of"):
         make_observer("nope")
+
+
+def test_non_finite_activations_are_left_out_of_the_statistics():
+    """Attention masks carry -inf; ranges and histograms cover the finite values."""
+    st = stats_of(np.array([-np.inf, -1.0, 0.5, 2.0, np.inf, np.nan], np.float32), [np.float32(-np.inf)])
+    assert (st.min, st.max) == (-1.0, 2.0) and st.hist.sum() == 3
+    for method in sorted(OBSERVERS):
+        lo, hi = make_observer(method).range(st, 8, False)
+        assert np.isfinite(lo) and np.isfinite(hi)
