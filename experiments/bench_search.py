@@ -682,6 +682,16 @@ def config_str(cfg: dict | None) -> str:
                      and not (k == "percentile" and cfg.get("calibration") != "percentile"))
 
 
+def code_state() -> str:
+    """Commit of the repository, and whether autoquant/ has uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "autoquant"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return commit + (" (autoquant/ has uncommitted changes)" if dirty else "")
+    except OSError:
+        return "?"
+
+
 def machine_info() -> dict[str, str]:
     cpu = platform.processor() or "?"
     try:
@@ -691,12 +701,7 @@ def machine_info() -> dict[str, str]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "autoquant"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        commit += " (autoquant/ has uncommitted changes)" if dirty else ""
-    except OSError:
-        commit = "?"
+    commit = code_state()
     versions = {"python": platform.python_version(), "autoquant": getattr(autoquant, "__version__", "?"),
                 "onnx": onnx.__version__, "onnxruntime": ort.__version__, "optuna": optuna.__version__,
                 "numpy": np.__version__}
@@ -754,7 +759,9 @@ def write_report(tasks: list[Task], results: dict[str, dict[str, dict]], failed:
           f"- date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; total wall time of this run: {total_s / 60:.1f} min",
           f"- machine: {info['cpu']}, {info['cores']} cores; load average at the end: {info['load']} "
           f"(at the start: {args.load_start})",
-          f"- autoquant commit {info['commit']}", f"- versions: {info['versions']}",
+          f"- autoquant code: commit {args.commit_start} when the run started (imported then)"
+          + ("" if info["commit"] == args.commit_start else f"; the repository was at {info['commit']} when it ended"),
+          f"- versions: {info['versions']}",
           f"- limit: absolute drop <= {ALLOWED_DROP} of each model's metric, identical for every method; seed {args.seed}",
           "- full eval calls: calls of the eval function on the whole eval set, counted by one wrapper for every method "
           "(autoquant's eval callback; NNCF's validation function when it receives every item). They include each "
@@ -901,6 +908,7 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     args.load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    args.commit_start = code_state()
     logging.getLogger("nncf").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     order = ["outlier", "digits", "ppocr_rec"]
