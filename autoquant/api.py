@@ -34,8 +34,8 @@ from .prepare import quantizable_summary
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from . import variants
 from .launch import calibration_ref, callable_ref
-from .cost import latency_feed, macs_per_node, measure_latency_ms
-from .objective import (DETAILS, DONE_STATES, OBJECTIVES, BudgetReached, LatencyProbe, Objective, Scoring, Source,
+from .cost import LatencyMeter, macs_per_node
+from .objective import (DETAILS, DONE_STATES, OBJECTIVES, BudgetReached, Objective, Scoring, Source,
                         check_metric)
 from .prune import Pruner
 from .refine import Refiner
@@ -280,12 +280,16 @@ def optimize(
     stop_when_feasible: bool = False,
     max_high_precision_fraction: float | None = None,
     target: str | None = None,
+    baseline_accuracy: float | None = None,
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
     Returns an :class:`OptimizeResult`; never None. When no trial is feasible the most accurate
     trial is delivered with ``feasible=False`` and a warning. Raises an ``AutoQuantError`` subclass
     for bad input, with a message that says what to fix.
+
+    ``baseline_accuracy``: the fp32 model's score when the user already knows it (the same callback on
+    the same data); it replaces the fp32 eval call. Left None, the fp32 model is scored once per study.
     """
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar and warnings replace its INFO lines
@@ -293,7 +297,7 @@ def optimize(
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
                          search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
                          heartbeat_interval, eval_timeout, objective, measure_latency, prune, eval_subset_callback,
-                         stop_when_feasible, max_high_precision_fraction, target)
+                         stop_when_feasible, max_high_precision_fraction, target, baseline_accuracy)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -301,11 +305,15 @@ def optimize(
 def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
               show_progress, heartbeat_interval, eval_timeout, objective, measure_latency, prune,
-              eval_subset_callback, stop_when_feasible, max_high_precision_fraction, target) -> OptimizeResult:
+              eval_subset_callback, stop_when_feasible, max_high_precision_fraction, target,
+              baseline_accuracy=None) -> OptimizeResult:
     t_start = time.perf_counter()
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
                 select, output_dir, study_name, heartbeat_interval, eval_timeout, objective, measure_latency)
     _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high_precision_fraction)
+    if baseline_accuracy is not None and (isinstance(baseline_accuracy, bool) or not isinstance(
+            baseline_accuracy, numbers.Real) or not math.isfinite(baseline_accuracy)):
+        raise ConfigError(f"baseline_accuracy must be None or the fp32 model's finite score, got {baseline_accuracy!r}")
     space = _space_for(search_space, target)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -336,9 +344,12 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
             "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
         })
+        if baseline_accuracy is not None and attrs.get("baseline_accuracy", baseline_accuracy) != baseline_accuracy:
+            raise ConfigError(f"baseline_accuracy={baseline_accuracy} differs from study {name!r}'s fp32 score "
+                              f"{attrs['baseline_accuracy']}; pass the same value, or another study_name / output_dir")
         eval_calls = 0
         if not STUDY_ATTRS <= set(attrs):  # new study, or one whose record a kill interrupted
-            _record_study(study, eval_callback, fp32_path, drop_type, {
+            _record_study(study, eval_callback, fp32_path, drop_type, baseline_accuracy, {
                 "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                 "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
@@ -352,7 +363,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                     "prune": prune, "max_high_precision_fraction": max_high_precision_fraction,
                 },
             })
-            eval_calls += 1
+            eval_calls += baseline_accuracy is None
         baseline = float(study.user_attrs["baseline_accuracy"])
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
                                                    else (None if storage is None else type(storage).__name__)})
@@ -362,9 +373,6 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         if _uses_sensitivity(space):
             _record_sensitivity(study, sources[default])
         recover_stale_trials(study, out / "trials", GRACE_FACTOR * heartbeat_interval)
-        if not study.get_trials(deepcopy=False):
-            for label, params in space.starting_points()[: int(n_trials)]:
-                study.enqueue_trial(params, user_attrs={"enqueued": label})
 
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
         pruner = _pruner(study, prepared, statistics, scoring, eval_subset_callback, prune) if (
@@ -374,8 +382,15 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               eval_callback=eval_callback, scoring=scoring,
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
                               eval_timeout=eval_timeout, objective=objective,
-                              latency=_latency_probe(fp32_path, prepared, statistics) if measure_latency else None)
-        _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
+                              latency=_latency_meter(fp32_path, statistics) if measure_latency else None)
+        with _stage_lock(out):  # workers starting together: one screens and enqueues
+            if not study.get_trials(deepcopy=False):  # a new study: its baselines first, most promising first
+                for label, params, sqnr in objective.screen(space.starting_points())[: int(n_trials)]:
+                    study.enqueue_trial(params, user_attrs={"enqueued": label, "screen_sqnr_db": sqnr})
+        try:
+            _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
+        finally:
+            shutil.rmtree(objective.trial_dir / "screen", ignore_errors=True)  # screened builds no trial used
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
             raise NoCompletedTrialError(
                 f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics and the fp32 "
@@ -389,10 +404,13 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             storage_obj.engine.dispose()
 
 
-def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type: str, record: dict) -> None:
-    """Score the fp32 model once and store the study's record, baseline last (its presence = complete)."""
+def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type: str, given: float | None,
+                  record: dict) -> None:
+    """Score the fp32 model once (unless the user ``given`` its score) and store the study's record,
+    baseline last (its presence = complete)."""
     try:
-        baseline = check_metric(eval_callback(str(fp32_path)), "eval_callback on the fp32 model")
+        baseline = float(given) if given is not None else check_metric(eval_callback(str(fp32_path)),
+                                                                       "eval_callback on the fp32 model")
     except TrialFailed as exc:
         raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
     except Exception as exc:
@@ -462,10 +480,10 @@ def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path):
     return measure
 
 
-def _latency_probe(fp32_path: Path, prepared: PreparedModel, statistics: dict) -> LatencyProbe:
-    """The fp32 model's latency on one calibration sample, measured once per call (same process as the trials)."""
-    feed = latency_feed(statistics[variants.BASE].samples[0], prepared.input_specs)
-    return LatencyProbe(feed, measure_latency_ms(fp32_path, feed))
+def _latency_meter(fp32_path: Path, statistics: dict) -> LatencyMeter:
+    """Latency vs fp32 on the first calibration feed, batched as the user batches it (per-sample timing
+    would overstate the Q/DQ overhead of a model run on batches)."""
+    return LatencyMeter(fp32_path, statistics[variants.BASE].samples[0])
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,

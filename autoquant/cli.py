@@ -26,7 +26,7 @@ def _cmd_optimize(args) -> int:
         show_progress=not args.quiet, heartbeat_interval=args.heartbeat, eval_timeout=args.eval_timeout,
         objective=args.objective, measure_latency=not args.no_latency, prune=not args.no_prune,
         stop_when_feasible=args.stop_when_feasible, max_high_precision_fraction=args.max_high_precision_fraction,
-        target=args.target,
+        target=args.target, baseline_accuracy=args.baseline_accuracy,
     )
     print(result.summary())
     return 0 if result.feasible else 3
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-latency", action="store_true", help="do not measure each trial's ORT CPU latency")
     o.add_argument("--no-prune", action="store_true", help="fully evaluate every trial, even hopeless ones")
     o.add_argument("--stop-when-feasible", action="store_true", help="stop at the first feasible trial")
+    o.add_argument("--baseline-accuracy", type=float, default=None,
+                   help="the fp32 model's known score (skips the fp32 eval call)")
     o.add_argument("--max-high-precision-fraction", type=float, default=None,
                    help="at most this fraction of compute nodes kept float / 16-bit")
     o.add_argument("--eval-timeout", type=float, default=None,

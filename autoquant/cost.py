@@ -68,27 +68,53 @@ def bops(macs: dict[str, int], config: dict[str, Any], float_nodes=(), a16_nodes
     return total
 
 
-def latency_feed(feed: dict[str, np.ndarray], specs: dict[str, tuple[int, tuple]]) -> dict[str, np.ndarray]:
-    """One sample of a calibration feed (first item of a dynamic batch axis), for latency runs."""
-    out = {}
-    for name, arr in feed.items():
-        dims = specs.get(name, (0, ()))[1]
-        out[name] = arr[:1] if dims and dims[0] is None and arr.ndim and arr.shape[0] > 1 else arr
-    return out
-
-
-def measure_latency_ms(path: str | Path, feed: dict[str, np.ndarray], threads: int = 1) -> float:
-    """Median wall time (ms) of single-threaded ORT CPU runs, after one warm-up run."""
+def _session(path: str | Path, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    sess.run(None, feed)
+    return time.perf_counter() - t0
+
+
+def measure_latency_ms(path: str | Path, feed: dict[str, np.ndarray], threads: int = 1) -> float:
+    """Median wall time (ms) of single-threaded ORT CPU runs, after one warm-up run."""
+    sess = _session(path, threads)
     sess.run(None, feed)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < LATENCY_REPEATS and (time.perf_counter() - start < LATENCY_BUDGET_S or len(times) < 3):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
+        times.append(_timed_run(sess, feed))
     return 1000.0 * statistics.median(times)
+
+
+class LatencyMeter:
+    """A trial model's ORT CPU latency and its ratio to fp32, measured interleaved: fp32 run, trial run,
+    fp32 run, ... The ratio is the median of per-pair ratios, so load that changes during a measurement
+    (other processes, other workers) hits both models alike. The fp32 session is created once."""
+
+    def __init__(self, fp32_path: str | Path, feed: dict[str, np.ndarray], threads: int = 1,
+                 pairs: int = LATENCY_REPEATS, budget_s: float = LATENCY_BUDGET_S):
+        self.feed, self.threads, self.pairs, self.budget_s = feed, threads, pairs, budget_s
+        self._fp32 = _session(fp32_path, threads)
+        self.fp32_ms = measure_latency_ms(fp32_path, feed, threads)
+
+    def measure(self, path: str | Path) -> tuple[float, float]:
+        """(median latency in ms, median latency ratio vs fp32) of the model at ``path``."""
+        sess = _session(path, self.threads)
+        sess.run(None, self.feed)
+        self._fp32.run(None, self.feed)
+        times: list[float] = []
+        ratios: list[float] = []
+        start = time.perf_counter()
+        while len(times) < self.pairs and (time.perf_counter() - start < self.budget_s or len(times) < 3):
+            base = _timed_run(self._fp32, self.feed)
+            t = _timed_run(sess, self.feed)
+            times.append(t)
+            ratios.append(t / base if base > 0 else float("inf"))
+        return 1000.0 * statistics.median(times), statistics.median(ratios)

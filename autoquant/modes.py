@@ -36,7 +36,9 @@ def build_dynamic(prepared_path: Path, config: dict[str, Any], out_path: Path, e
         quiet.setLevel(logging.ERROR)
         try:
             quantize_dynamic(str(prepared_path), str(raw), per_channel=config["weight_granularity"] == "per_channel",
-                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                             weight_type=QuantType.QInt8,
+                             # ORT rewrites Gemm to "<name>_MatMul" + Add before it applies the exclusions
+                             nodes_to_exclude=[*exclude, *(f"{n}_MatMul" for n in exclude)],
                              extra_options={"WeightSymmetric": bool(config["weight_symmetric"])})
         finally:
             quiet.setLevel(level)

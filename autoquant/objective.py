@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from optuna.trial import TrialState
 from ._io import sha256_file
 from .build import MixedPrecision, RangeCache, build_qdq_model
 from .prune import Pruner
-from .cost import bops, measure_latency_ms
+from .cost import LatencyMeter, bops
 from .errors import TrialFailed
 from .refine import Refiner
 from .space import SearchSpace
@@ -99,14 +101,6 @@ class Source:
         return self._ranking
 
 
-@dataclass
-class LatencyProbe:
-    """One calibration sample and the fp32 model's latency on it, measured once in this process."""
-
-    feed: dict
-    fp32_ms: float
-
-
 #: states that count towards n_trials: a verdict was reached (scored, or pruned as hopeless)
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -125,7 +119,7 @@ class Objective:
     def __init__(self, *, space: SearchSpace, sources: dict[str, Source], n_compute_nodes: int,
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
                  heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
-                 latency: LatencyProbe | None = None, pruner: Pruner | None = None,
+                 latency: LatencyMeter | None = None, pruner: Pruner | None = None,
                  max_high_precision_fraction: float | None = None):
         self.space, self.sources, self.n_compute_nodes = space, sources, n_compute_nodes
         self.pruner, self.max_high_precision_fraction = pruner, max_high_precision_fraction
@@ -136,6 +130,7 @@ class Objective:
         self.trial_dir = output_dir / "trials"
         self.eval_calls = 0
         self.failures = 0
+        self._screened: dict[str, tuple[Path, dict, float]] = {}  # config json -> (built file, refinements, SQNR)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr(OWNER_ATTR, owner_id())
@@ -164,33 +159,37 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, path: Path, t0: float) -> tuple[float, float]:
         config = self.space.suggest(trial, self.n_compute_nodes)
+        trial.set_user_attr("config", config)
+        twin = self._same_config_trial(trial, config)
+        if twin is not None and twin.state == TrialState.PRUNED:  # same config, same verdict, no work
+            trial.set_user_attr("prune_reason", f"same config as trial {twin.number}, pruned: "
+                                                f"{twin.user_attrs.get('prune_reason', '')}")
+            raise optuna.TrialPruned()
+        if twin is not None:  # same config already scored: its file and score are this trial's
+            details = {**twin.user_attrs[DETAILS], "reused_from": twin.number, "eval_seconds": 0.0}
+            trial.set_user_attr("high_precision_fraction", twin.user_attrs.get("high_precision_fraction"))
+            return self._finish(trial, float(twin.user_attrs["accuracy"]), int(twin.user_attrs["size_bytes"]),
+                                details, t0, 0.0)
         variant = variant_of(config)
         src = self.sources[variant]
         fallback, mixed = self._plan(config, src)
-        trial.set_user_attr("config", config)
         self._check_high_precision(trial, config, fallback, mixed, src)
         t_build = time.perf_counter()
-        try:
-            info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, [*fallback, *src.always_float],
-                                   refine=lambda model: src.refiner.apply(model, config), mixed=mixed,
-                                   writer_options=self.space.target.get("extra_options"))
-        except Exception as exc:
-            raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
+        info = self._screened.pop(json.dumps(config, sort_keys=True), None)
+        if info is not None and info[0].exists():  # built (and SQNR-scored) when the starting points were screened
+            os.replace(info[0], path)
+            refinements, sqnr = info[1], info[2]
+        else:
+            refinements, sqnr = self._build(config, src, fallback, mixed, path), None
         t_build = time.perf_counter() - t_build
-        try:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
         sha, size = sha256_file(path), path.stat().st_size
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
                                    "float_nodes": fallback, "a16_nodes": list(mixed.a16_nodes),
                                    "w4_nodes": list(mixed.w4_nodes), "variant": variant, "build_seconds": t_build,
-                                   **info.refinements, **self._costs(path, src, config, fallback, mixed, variant)}
+                                   **refinements, **self._costs(path, src, config, fallback, mixed, variant)}
         reused = self._identical_completed_trial(trial, sha)
         if reused is None and self.pruner is not None:
-            self._prescore(trial, path, details)
+            self._prescore(trial, path, details, sqnr)
         t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score
             accuracy = float(reused.user_attrs["accuracy"])
@@ -209,9 +208,13 @@ class Objective:
             accuracy = check_metric(value, "eval_callback")
             if not path.exists() or sha256_file(path) != sha:
                 raise TrialFailed("eval_callback modified or removed the model file it was given; it must only read it")
-        drop = self.scoring.drop(accuracy)
         details["eval_seconds"] = t_eval
-        # Few, grouped writes: each attribute is one storage transaction.
+        return self._finish(trial, accuracy, size, details, t0, t_eval)
+
+    def _finish(self, trial: optuna.Trial, accuracy: float, size: int, details: dict, t0: float,
+                t_eval: float) -> tuple[float, float]:
+        """Store a scored trial (few, grouped writes: each attribute is one storage transaction)."""
+        drop = self.scoring.drop(accuracy)
         trial.set_user_attr("accuracy", accuracy)
         trial.set_user_attr("drop", drop)
         trial.set_user_attr("feasible", self.scoring.feasible(accuracy))
@@ -220,6 +223,46 @@ class Objective:
         details["overhead_seconds"] = time.perf_counter() - t0 - t_eval
         trial.set_user_attr(DETAILS, details)
         return accuracy, float(size if self.objective == "size" else details[OBJECTIVES[self.objective]])
+
+    def _build(self, config: dict, src: Source, fallback: list[str], mixed: MixedPrecision, path: Path) -> dict:
+        """Build the QDQ model at ``path`` and check that ORT loads it; returns the refinements applied."""
+        try:
+            info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, [*fallback, *src.always_float],
+                                   refine=lambda model: src.refiner.apply(model, config), mixed=mixed,
+                                   writer_options=self.space.target.get("extra_options"))
+        except Exception as exc:
+            raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
+        try:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
+        return dict(info.refinements)
+
+    def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], float | None]]:
+        """Build each starting point and score its output SQNR (no user eval), highest first, so the first
+        full evals go to the configs most likely to be feasible. Built files are kept for the trials
+        that run these configs. Points that fail to build keep their place at the end (their trial
+        records the failure)."""
+        if self.pruner is None:
+            return [(label, params, None) for label, params in points]
+        scored = []
+        screen_dir = self.trial_dir / "screen"
+        screen_dir.mkdir(parents=True, exist_ok=True)
+        for i, (label, params) in enumerate(points):
+            config = self.space.suggest(optuna.trial.FixedTrial(params), self.n_compute_nodes)
+            src = self.sources[variant_of(config)]
+            try:
+                fallback, mixed = self._plan(config, src)
+                path = screen_dir / f"point-{i}.onnx"
+                refinements = self._build(config, src, fallback, mixed, path)
+                sqnr = self.pruner.sqnr(path)
+                self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr)
+            except TrialFailed:
+                sqnr = None
+            scored.append((label, params, sqnr))
+        return sorted(scored, key=lambda p: -p[2] if p[2] is not None else math.inf)
 
     def _plan(self, config: dict, src: Source) -> tuple[list[str], MixedPrecision]:
         """Sensitivity-ranked per-node precision: the fallback_k most sensitive nodes float, the next
@@ -245,9 +288,9 @@ class Objective:
                                                 f"max_high_precision_fraction={self.max_high_precision_fraction}")
             raise optuna.TrialPruned()
 
-    def _prescore(self, trial: optuna.Trial, path: Path, details: dict) -> None:
+    def _prescore(self, trial: optuna.Trial, path: Path, details: dict, sqnr: float | None = None) -> None:
         """Cheap fidelities before the full eval; prune (PRUNED + reason) when clearly hopeless."""
-        details["sqnr_db"] = self.pruner.sqnr(path)
+        details["sqnr_db"] = self.pruner.sqnr(path) if sqnr is None else sqnr
         reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"])
         if reason is None:
             try:
@@ -267,9 +310,19 @@ class Objective:
         b = bops(src.macs, config, fallback, mixed.a16_nodes, mixed.w4_nodes)
         out: dict[str, Any] = {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
         if self.latency is not None:
-            ms = measure_latency_ms(path, self.latency.feed)
-            out.update(latency_ms=ms, latency_ratio=ms / self.latency.fp32_ms)
+            ms, ratio = self.latency.measure(path)
+            out.update(latency_ms=ms, latency_ratio=ratio)
         return out
+
+    @staticmethod
+    def _same_config_trial(trial: optuna.Trial, config: dict):
+        """A finished (COMPLETE or PRUNED) trial with exactly this config, if any: samplers propose
+        duplicates in small spaces, and rebuilding them (AdaRound, bias correction) is wasted work."""
+        for t in trial.study.get_trials(deepcopy=False, states=DONE_STATES):
+            if t.number != trial.number and t.user_attrs.get("config") == config and (
+                    t.state == TrialState.PRUNED or DETAILS in t.user_attrs):
+                return t
+        return None
 
     def _identical_completed_trial(self, trial: optuna.Trial, sha: str):
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

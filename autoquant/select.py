@@ -19,13 +19,23 @@ def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
     return a if higher_is_better else -a
 
 
+#: a trial counts as faster than fp32 when its interleaved latency ratio is at most this (a margin
+#: against timing noise: a nearly-float model measuring 0.98 is not "faster")
+FASTER_THAN_FP32 = 0.95
+
+
+def faster_than_fp32(t: FrozenTrial) -> bool:
+    ratio = t.user_attrs.get("details", {}).get("latency_ratio")
+    return ratio is not None and float(ratio) <= FASTER_THAN_FP32
+
+
 def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list[FrozenTrial]:
     """Best first: feasible trials by ``select``; if none is feasible, the most accurate first.
 
-    Selection uses deterministic metrics unless asked otherwise: "smallest" ranks by file size only.
-    (Preferring trials measured faster than fp32 made the choice depend on timing noise: under load a
-    nearly-float model measured "faster" and was delivered. Latency is recorded for every trial and
-    ``select="fastest"`` / ``objective="latency"`` use it when the user asks.)
+    "smallest" (the default) ranks by file size, but first among the feasible trials measured faster
+    than fp32 (latency ratio <= FASTER_THAN_FP32) when there is any: a small model slower than float
+    (e.g. 16-bit activations on ORT CPU) is delivered only when no feasible model runs faster. The
+    ratio is measured interleaved with fp32 (cost.LatencyMeter), so load hits both alike.
     """
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -33,6 +43,10 @@ def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list
     if feasible:
         if select == "most_accurate":
             key = lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number)  # noqa: E731
+            return sorted(feasible, key=key)
+        if select == "smallest":
+            key = lambda t: (not faster_than_fp32(t), _metric(t, select), -_goodness(t, higher_is_better),  # noqa: E731
+                             t.number)
             return sorted(feasible, key=key)
         key = lambda t: (_metric(t, select), -_goodness(t, higher_is_better), t.number)  # noqa: E731
         return sorted(feasible, key=key)

@@ -34,6 +34,15 @@ def test_dynamic(demo, tmp_path):
     assert r.size_ratio < 0.5
 
 
+def test_dynamic_fallback_keeps_gemm_float(demo, tmp_path):
+    """ORT renames a Gemm before excluding nodes; the node the search keeps float must stay float."""
+    r, model, enc = run(demo, tmp_path, "dynfb", mode="dynamic", fallback_k=3)
+    assert len(r.float_nodes) == 3
+    quantized = {n.name for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger")}
+    assert len(quantized) == 1 and not any(q.startswith(tuple(r.float_nodes)) for q in quantized)
+    assert len(enc["param_encodings"]) == 1
+
+
 @pytest.mark.parametrize("bits, rounding", [(8, "nearest_even"), (4, "nearest_away"), (4, "adaround")])
 def test_weight_only(demo, tmp_path, bits, rounding):
     r, model, enc = run(demo, tmp_path, f"wo{bits}{rounding}", mode="weight_only", weight_bits=bits,

@@ -43,11 +43,51 @@ def test_sensitivity_ranks_a_broken_node_first(demo, tmp_path):
 
 def test_starting_points_run_first(demo, tmp_path):
     r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=6, output_dir=tmp_path / "o")
-    labels = [t.user_attrs.get("enqueued") for t in r.study.trials[:5]]
-    assert labels[0].startswith("onnxruntime defaults") and labels[1].startswith("tensorrt-style")
-    assert all(labels)
-    assert r.study.trials[1].params["calibration"] == "entropy"
-    assert r.study.trials[1].params["weight_granularity"] == "per_channel"
+    first = r.study.trials[:5]
+    labels = [t.user_attrs.get("enqueued") for t in first]
+    assert all(labels) and any(lab.startswith("onnxruntime defaults") for lab in labels)
+    trt = next(t for t in first if t.user_attrs["enqueued"].startswith("tensorrt-style"))
+    assert trt.params["calibration"] == "entropy" and trt.params["weight_granularity"] == "per_channel"
+    # screened before any eval: highest output SQNR first, and each trial reuses its screened build
+    screened = [t.user_attrs["screen_sqnr_db"] for t in first]
+    assert screened == sorted(screened, reverse=True)
+    for t in first:
+        if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs["details"]:
+            assert t.user_attrs["details"]["sqnr_db"] == pytest.approx(t.user_attrs["screen_sqnr_db"])
+    assert not (tmp_path / "o" / "trials" / "screen").exists()
+
+
+def test_same_config_is_not_rebuilt_or_reevaluated(demo, tmp_path):
+    calls = []
+
+    def evaluate(path):
+        calls.append(path)
+        return demo.evaluate(path)
+
+    space = {"knobs": {**BASE, "weight_granularity": ["per_tensor", "per_channel"], "fallback_k": 0}}
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, evaluate, search_space=space, n_trials=8,
+                       output_dir=tmp_path / "o", prune=False, allowed_accuracy_drop=1.0)
+    assert len(r.study.trials) == 8 and len(calls) == 1 + 2  # fp32 + the two distinct configs
+    reused = [t for t in r.study.trials if "reused_from" in t.user_attrs["details"]]
+    assert len(reused) == 6
+    for t in reused:
+        src = r.study.trials[t.user_attrs["details"]["reused_from"]]
+        assert src.user_attrs["config"] == t.user_attrs["config"] and src.values == t.values
+
+
+def test_known_baseline_skips_the_fp32_eval(demo, tmp_path):
+    calls = []
+
+    def evaluate(path):
+        calls.append(path)
+        return demo.evaluate(path)
+
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, evaluate, n_trials=2, output_dir=tmp_path / "o",
+                       baseline_accuracy=1.0)
+    assert str(demo.model_path) not in calls and r.eval_calls == len(calls) and r.baseline_accuracy == 1.0
+    with pytest.raises(Exception, match="baseline_accuracy=0.5 differs"):
+        quiet_optimize(str(demo.model_path), demo.calibration_data, evaluate, n_trials=2, output_dir=tmp_path / "o",
+                       baseline_accuracy=0.5)
 
 
 def test_pruning_skips_the_full_eval_of_a_hopeless_trial(demo, tmp_path):
