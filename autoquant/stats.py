@@ -3,6 +3,14 @@
 Per activation tensor: exact min/max, moving-average min/max (ORT's constant 0.01) and a signed
 histogram that every histogram-based observer (percentile, entropy, MSE, EMD) derives its range from.
 A trial never runs calibration inference again.
+
+Masking sentinels: exported transformers add huge finite values (``np.finfo(np.float32).min``) or
+infinities to attention scores to mask positions. Values with ``|x| >= SENTINEL`` are left out of the
+histogram and of every min/max (a range spanning them would leave no resolution for the real values),
+and the tensor's name goes to ``Statistics.masked_tensors``: the caller should keep the nodes producing
+or consuming such tensors out of activation quantization, since a quantized tensor clips the sentinels to
+the range of the real values. NaN is left out too (not recorded). Any other failure while accumulating a
+tensor's statistics is raised as a CalibrationDataError naming the tensor.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ import onnxruntime as ort
 
 from ._io import atomic_write
 from .data import Feed, update_fingerprint
+from .errors import CalibrationDataError
 
 NUM_BINS = 4096  # even; the histogram covers [-R, R] with R a power of two
 EMA_CONSTANT = 0.01  # same default as onnxruntime's CalibMovingAverageConstant
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: masking sentinels left out of ranges and recorded in the cache
+SENTINEL = 1e30  # |x| at or above this is a masking value, not data (float32's max is 3.4e38)
 
 #: Number of calibration passes run in this process (tests use it to prove "once per study").
 PASSES = 0
@@ -60,6 +70,7 @@ class _StreamingHistogram:
         self.half_range = 0.0
 
     def add(self, x: np.ndarray) -> None:
+        """Count ``x`` (finite values only: the caller filters sentinels, NaN and inf)."""
         amax = float(np.max(np.abs(x))) if x.size else 0.0
         if amax == 0.0 and self.half_range == 0.0:
             self.hist[len(self.hist) // 2] += x.size  # all zeros so far: park them at the zero bin
@@ -68,7 +79,10 @@ class _StreamingHistogram:
             self.half_range = float(2.0 ** np.ceil(np.log2(amax)))
         while amax > self.half_range:
             self._double()
-        counts, _ = np.histogram(x, bins=len(self.hist), range=(-self.half_range, self.half_range))
+        # float64 edges: numpy bins in the result type of the range and the data, and float32 edges near
+        # its max overflow to inf (bin indices then go out of bounds)
+        r = np.float64(self.half_range)
+        counts, _ = np.histogram(x, bins=len(self.hist), range=(-r, r))
         self.hist += counts
 
     def _double(self) -> None:
@@ -87,11 +101,14 @@ class _TensorAccumulator:
         self.ema_min: float | None = None
         self.ema_max: float | None = None
         self.hist = _StreamingHistogram()
+        self.masked = False  # saw masking sentinels (|x| >= SENTINEL, inf included)
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():  # e.g. -inf attention masks: a range covers the finite values only
-            x = x[np.isfinite(x)]
+        keep = np.abs(x) < SENTINEL  # False for NaN, inf and masking values alike
+        if not keep.all():  # a range covers the real values only
+            self.masked = self.masked or bool(np.any(np.abs(x[~keep]) >= SENTINEL))
+            x = x[keep]
         if x.size == 0:
             return
         bmin, bmax = float(x.min()), float(x.max())
@@ -115,13 +132,17 @@ class Statistics:
     samples: list[Feed]  # the first few feeds, kept for sensitivity measurement
     n_feeds: int
     key: str
+    #: tensors that carried masking sentinels (see the module docstring): their ranges cover the other
+    #: values only; keep the nodes producing / consuming them float
+    masked_tensors: frozenset[str] = frozenset()
 
     def save(self, path: Path) -> None:
         names = list(self.tensors)
         arrays = {
             "meta": np.array(json.dumps({"version": STATS_VERSION, "names": names, "n_feeds": self.n_feeds,
                                          "key": self.key, "n_samples": len(self.samples),
-                                         "sample_inputs": sorted(self.samples[0]) if self.samples else []})),
+                                         "sample_inputs": sorted(self.samples[0]) if self.samples else [],
+                                         "masked": sorted(self.masked_tensors)})),
             "scalars": np.array([[t.min, t.max, t.ema_min, t.ema_max, t.half_range] for t in self.tensors.values()],
                                 dtype=np.float64).reshape(len(names), 5),
             "hists": np.stack([t.hist for t in self.tensors.values()]) if names else np.zeros((0, NUM_BINS), np.int64),
@@ -151,7 +172,7 @@ class Statistics:
                 {name: z[f"sample_{i}_{j}"] for j, name in enumerate(meta["sample_inputs"])}
                 for i in range(meta["n_samples"])
             ]
-        return cls(tensors, samples, meta["n_feeds"], meta["key"])
+        return cls(tensors, samples, meta["n_feeds"], meta["key"], frozenset(meta["masked"]))
 
 
 def stats_key(model_sha: str, data_sha: str) -> str:
@@ -205,8 +226,19 @@ def collect_statistics_many(
         if len(samples) < keep_samples:
             samples.append({k: np.array(v) for k, v in feed.items()})
         for session, acc, (_, tensors, _) in zip(sessions, accs, models):
-            for name, value in zip(tensors, session.run(tensors, feed)):
-                acc[name].add(value)
+            try:
+                values = session.run(tensors, feed)
+            except Exception as exc:
+                raise CalibrationDataError(f"the model failed on calibration feed #{n} ({type(exc).__name__}: {exc}); "
+                                           "check that this feed is a valid input of the model") from exc
+            for name, value in zip(tensors, values):
+                try:
+                    acc[name].add(value)
+                except Exception as exc:
+                    raise CalibrationDataError(
+                        f"statistics of tensor {name!r} failed on calibration feed #{n} ({type(exc).__name__}: "
+                        f"{exc}; dtype {getattr(value, 'dtype', '?')}, shape {getattr(value, 'shape', '?')}); "
+                        "check what the model computes on this feed") from exc
         n += 1
         if progress is not None:
             progress.update(1)
@@ -214,5 +246,6 @@ def collect_statistics_many(
     results = []
     for acc, (_, _, model_sha) in zip(accs, models):
         tensors = {name: st for name, a in acc.items() if (st := a.result()) is not None}
-        results.append(Statistics(tensors, samples, n, stats_key(model_sha, data_sha)))
+        masked = frozenset(name for name, a in acc.items() if a.masked)
+        results.append(Statistics(tensors, samples, n, stats_key(model_sha, data_sha), masked))
     return results, data_sha
