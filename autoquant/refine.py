@@ -34,7 +34,7 @@ class Refiner:
         key = hashlib.sha256(Path(float_path).read_bytes()).hexdigest()[:16]
         self.cache_path = cache_dir / f"adaround-{key}-{_samples_key(samples)}.npz"
         self._adaround_cache: dict[str, np.ndarray] | None = None
-        self._layer_inputs: dict[str, np.ndarray] | None = None
+        self._layer_inputs: dict[str, np.ndarray | list[np.ndarray]] | None = None
 
     def apply(self, qdq: onnx.ModelProto, config: dict[str, Any]) -> dict[str, Any]:
         """Modify ``qdq`` in place per ``config``; returns what was done (for the trial's record)."""
@@ -58,9 +58,12 @@ class Refiner:
             info["bias_corrected_layers"] = len(shifts)
         return info
 
-    def layer_inputs(self) -> dict[str, np.ndarray]:
-        """Float input activation of every Conv/Gemm/MatMul node on the first calibration feeds."""
+    def layer_inputs(self) -> dict[str, np.ndarray | list[np.ndarray]]:
+        """Float input activation of every Conv/Gemm/MatMul node on the first calibration feeds, joined
+        per node by ``stack_inputs`` (feeds may differ in shape: sequence lengths, image widths)."""
         if self._layer_inputs is None:
+            from .techniques.adaround import stack_inputs
+
             nodes = [n for n in self.float_model.graph.node if n.op_type in LAYER_OPS and n.name]
             tensors = sorted({n.input[0] for n in nodes})
             sess = augmented_session(self.float_model, tensors)
@@ -68,8 +71,10 @@ class Refiner:
             for feed in self.samples[:ADAROUND_FEEDS]:
                 for t, v in zip(tensors, sess.run(tensors, feed)):
                     outs[t].append(v)
-            by_tensor = {t: np.concatenate(v, axis=0) for t, v in outs.items()}
-            self._layer_inputs = {n.name: by_tensor[n.input[0]] for n in nodes}
+            self._layer_inputs = {
+                n.name: stack_inputs(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
+                                     outs[n.input[0]])
+                for n in nodes}
         return self._layer_inputs
 
     def _cache(self) -> dict[str, np.ndarray]:

@@ -112,3 +112,110 @@ def test_optimize_on_a_model_with_masking_sentinels(tmp_path):
     assert r.feasible
     out = _run(r.model_path, feeds[0])
     assert np.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------ feeds of different shapes
+def _dynamic_conv_model() -> onnx.ModelProto:
+    """x [1, 3, 8, W] -> Conv 3x3 pad 1 (+bias) -> Relu -> Conv 3x3 stride 2 (+bias): an OCR-style text-line net."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in
+             (("c1.w", (8, 3, 3, 3)), ("c1.b", (8,)), ("c2.w", (4, 8, 3, 3)), ("c2.b", (4,)))]
+    nodes = [helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "c2.w", "c2.b"], ["y"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "lines", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _dynamic_matmul_model() -> onnx.ModelProto:
+    """x [1, T, 16] -> MatMul -> Add -> Relu -> MatMul: a token-wise MLP over sequences of any length."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in
+             (("w1", (16, 32)), ("b1", (32,)), ("w2", (32, 8)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _varying_feeds(make_shape, sizes, seed: int = 3) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0.2, 1.0, make_shape(s)).astype(np.float32)} for s in sizes]
+
+
+def _sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - got).astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("make_model, make_shape, sizes, n_biased", [
+    (_dynamic_conv_model, lambda w: (1, 3, 8, w), (8, 13, 16, 10, 21), 2),
+    (_dynamic_matmul_model, lambda t: (1, t, 16), (3, 7, 5, 12, 4), 0),
+], ids=["conv-widths", "matmul-lengths"])
+def test_adaround_and_bias_correction_on_feeds_of_different_shapes(tmp_path, base_config, make_model, make_shape,
+                                                                   sizes, n_biased):
+    from autoquant.build import RangeCache, build_qdq_model
+    from autoquant.refine import Refiner
+    from autoquant.techniques import collect_layer_inputs, correct_biases
+
+    model = make_model()
+    feeds = _varying_feeds(make_shape, sizes)
+    prepared = prepare_model(load_model(model), tmp_path / "p.onnx")
+    proto = prepared.load()
+    stats, _ = collect_statistics(proto, float_activation_tensors(proto),
+                                  CalibrationSource(feeds, prepared.input_specs), prepared.sha256)
+    config = dict(base_config, weight_rounding="adaround", bias_correction=True)
+    refiner = Refiner(prepared.path, stats.samples, tmp_path)
+    info = build_qdq_model(prepared.path, RangeCache(stats).ranges(config), config, tmp_path / "q.onnx",
+                           refine=lambda m: refiner.apply(m, config))
+    assert info.refinements["adaround_layers"] == 2
+    assert info.refinements["bias_corrected_layers"] == n_biased
+    for feed in _varying_feeds(make_shape, (11, 6), seed=9):
+        assert _sqnr_db(_run(model, feed), _run(str(info.path), feed)) > 25
+
+    # the public helpers take such feeds too: one row block per feed, and the correction shifts biases
+    inputs = collect_layer_inputs(proto, feeds)
+    assert set(inputs) == {n.name for n in proto.graph.node if n.op_type in ("Conv", "MatMul")}
+    qdq = onnx.load(str(info.path))
+    assert len(correct_biases(proto, qdq, feeds)) == n_biased
+
+
+def test_optimize_with_adaround_on_feeds_of_different_widths(tmp_path):
+    model = _dynamic_conv_model()
+    feeds = _varying_feeds(lambda w: (1, 3, 8, w), (8, 13, 16, 10))
+    r = optimize(model, feeds, _mse_eval(model, feeds), allowed_accuracy_drop=1.0, higher_is_better=False,
+                 search_space={"knobs": {"weight_rounding": "adaround", "bias_correction": True, "fallback_k": 0}},
+                 n_trials=2, output_dir=tmp_path / "out", show_progress=False, measure_latency=False)
+    assert r.config["weight_rounding"] == "adaround" and r.config["bias_correction"]
+    assert [t.state.name for t in r.study.trials] == ["COMPLETE"] * 2
+    details = r.study.trials[r.trial_number].user_attrs["details"]
+    assert details["adaround_layers"] == 2 and details["bias_corrected_layers"] == 2
+
+
+def test_layer_matrix_on_conv_feeds_of_different_widths():
+    """Unfolding each feed on its own reproduces ONNX Runtime's Conv output per feed (all rows), and
+    row sampling draws over all feeds together."""
+    from autoquant.techniques import layer_matrix
+
+    model = _dynamic_conv_model()
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    feeds = _varying_feeds(lambda s: (1, 3, 8, s), (8, 13, 5))
+    nobias = onnx.ModelProto()
+    nobias.CopyFrom(model)
+    del nobias.graph.node[1:]
+    del nobias.graph.node[0].input[2:]
+    nobias.graph.output[0].name = "c1"
+    form = layer_matrix("Conv", {"pads": [1, 1, 1, 1]}, w, [f["x"] for f in feeds])
+    assert form.x.shape == (1, 8 * (8 + 13 + 5), 27)
+    for got, feed in zip(form.to_output(np.matmul(form.x, form.w.transpose(0, 2, 1))), feeds):
+        np.testing.assert_allclose(got, _run(nobias, feed), rtol=1e-4, atol=1e-4)
+    assert layer_matrix("Conv", {"pads": [1, 1, 1, 1]}, w, [f["x"] for f in feeds], max_rows=50).x.shape[1] == 50

@@ -60,39 +60,56 @@ def _same_pads(size: int, k: int, stride: int, dilation: int, upper: bool) -> tu
     return (small, total - small) if upper else (total - small, small)
 
 
-def _conv_form(attrs: dict, w: np.ndarray, x: np.ndarray, max_rows: int | None, seed: int) -> LinearForm:
+def _conv_form(attrs: dict, w: np.ndarray, xs: list[np.ndarray], max_rows: int | None, seed: int,
+               single: bool) -> LinearForm:
+    """Conv on the feeds ``xs`` (any batch and spatial sizes each): rows are drawn over all feeds' output
+    positions together, then each feed is unfolded (im2col) on its own rows."""
     one_d = w.ndim == 3
     if one_d:  # a 1-D conv is a 2-D conv over a height of 1
-        w, x = w[:, :, None, :], x[:, :, None, :]
+        w, xs = w[:, :, None, :], [x[:, :, None, :] for x in xs]
     if w.ndim != 4:
         raise NotImplementedError(f"Conv with a {w.ndim - 2}-D kernel is not supported (1-D and 2-D only)")
     lift = (lambda v, fill: [fill] + list(v)) if one_d else (lambda v, fill: list(v))
     m, cg, kh, kw = w.shape
-    n, c, h, wd = x.shape
     groups = int(_attr(attrs, "group", 1))
     sh, sw = lift(_attr(attrs, "strides", [1] * (w.ndim - 2 - one_d)), 1)
     dh, dw = lift(_attr(attrs, "dilations", [1] * (w.ndim - 2 - one_d)), 1)
     auto_pad = _attr(attrs, "auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        (pt, pb), (pl, pr) = (_same_pads(size, k, s, d, auto_pad == "SAME_UPPER")
-                              for size, k, s, d in ((h, kh, sh, dh), (wd, kw, sw, dw)))
-    elif auto_pad == "VALID":
-        pt = pb = pl = pr = 0
-    else:
-        pads = list(_attr(attrs, "pads", [0] * (2 * (w.ndim - 2 - one_d))))
-        pt, pl, pb, pr = ([0] + pads[:1] + [0] + pads[1:]) if one_d else pads
-    if c != cg * groups or m % groups:
-        raise ValueError(f"Conv shapes do not match: input channels {c}, weight {w.shape}, group {groups}")
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    idx = _rows(n * oh * ow, max_rows, seed)
-    bn, rem = np.divmod(idx, oh * ow)
-    r0, c0 = np.divmod(rem, ow)
-    r0, c0 = r0 * sh, c0 * sw
-    # im2col on the chosen rows only: (kh, kw, R, C) -> (G, R, C/G * kh * kw), columns in weight order
-    patches = np.stack([np.stack([xp[bn, :, r0 + i * dh, c0 + j * dw] for j in range(kw)]) for i in range(kh)])
-    cols = patches.reshape(kh, kw, idx.size, groups, cg).transpose(3, 2, 4, 0, 1).reshape(groups, idx.size, -1)
+    if m % groups:
+        raise ValueError(f"Conv shapes do not match: weight {w.shape}, group {groups}")
+
+    def geometry(x: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(padded input, output height, output width) of one feed."""
+        n, c, h, wd = x.shape
+        if c != cg * groups:
+            raise ValueError(f"Conv shapes do not match: input channels {c}, weight {w.shape}, group {groups}")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            (pt, pb), (pl, pr) = (_same_pads(size, k, s, d, auto_pad == "SAME_UPPER")
+                                  for size, k, s, d in ((h, kh, sh, dh), (wd, kw, sw, dw)))
+        elif auto_pad == "VALID":
+            pt = pb = pl = pr = 0
+        else:
+            pads = list(_attr(attrs, "pads", [0] * (2 * (w.ndim - 2 - one_d))))
+            pt, pl, pb, pr = ([0] + pads[:1] + [0] + pads[1:]) if one_d else pads
+        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))), oh, ow
+
+    geo = [geometry(x) for x in xs]
+    counts = [x.shape[0] * oh * ow for x, (_, oh, ow) in zip(xs, geo)]
+    starts = np.cumsum([0] + counts)
+    idx = _rows(int(starts[-1]), max_rows, seed)
+    blocks = []
+    for (xp, oh, ow), lo, hi in zip(geo, starts[:-1], starts[1:]):
+        local = idx[(idx >= lo) & (idx < hi)] - lo
+        bn, rem = np.divmod(local, oh * ow)
+        r0, c0 = np.divmod(rem, ow)
+        r0, c0 = r0 * sh, c0 * sw
+        # im2col on the chosen rows only: (kh, kw, R, C) -> (G, R, C/G * kh * kw), columns in weight order
+        patches = np.stack([np.stack([xp[bn, :, r0 + i * dh, c0 + j * dw] for j in range(kw)]) for i in range(kh)])
+        blocks.append(patches.reshape(kh, kw, local.size, groups, cg).transpose(3, 2, 4, 0, 1)
+                      .reshape(groups, local.size, -1))
+    cols = np.concatenate(blocks, axis=1)
     shape = w.shape if not one_d else (m, cg, kw)
 
     def unfold(a: np.ndarray) -> np.ndarray:
@@ -101,24 +118,50 @@ def _conv_form(attrs: dict, w: np.ndarray, x: np.ndarray, max_rows: int | None, 
     def fold(a: np.ndarray) -> np.ndarray:
         return a.reshape(shape)
 
-    def to_output(y: np.ndarray) -> np.ndarray:
-        out = y.transpose(1, 0, 2).reshape(n, oh, ow, m).transpose(0, 3, 1, 2)
-        return out[:, :, 0, :] if one_d else out
+    def to_output(y: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        outs = []
+        for x, (_, oh, ow), lo, hi in zip(xs, geo, starts[:-1], starts[1:]):
+            out = y[:, lo:hi].transpose(1, 0, 2).reshape(x.shape[0], oh, ow, m).transpose(0, 3, 1, 2)
+            outs.append(out[:, :, 0, :] if one_d else out)
+        return outs[0] if single else outs
 
     return LinearForm(cols, unfold(w), unfold, fold, to_output)
 
 
-def layer_matrix(op_type: str, attrs: dict, w: np.ndarray, x: np.ndarray, max_rows: int | None = None,
-                 seed: int = 0) -> LinearForm:
+def stack_inputs(op_type: str, attrs: dict, xs: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One layer's float inputs on several feeds, joined where their shapes allow it.
+
+    Feeds may differ in batch, sequence length or image size (text lines of different widths, ...).
+    MatMul: every feed as rows (-1, K), concatenated. Gemm: concatenated along its row axis (axis 1
+    when ``transA``). Conv: concatenated on the batch axis when the other dims agree, else the list
+    itself (:func:`layer_matrix` unfolds each feed on its own).
+    """
+    xs = [np.asarray(x, np.float32) for x in xs]
+    if op_type == "MatMul":
+        return np.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])
+    if op_type == "Gemm":
+        return np.concatenate(xs, axis=1 if _attr(attrs, "transA", 0) else 0)
+    if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
+        return np.concatenate(xs)
+    return xs
+
+
+def layer_matrix(op_type: str, attrs: dict, w: np.ndarray, x: np.ndarray | list[np.ndarray],
+                 max_rows: int | None = None, seed: int = 0) -> LinearForm:
     """``op_type`` with weight ``w`` on input ``x`` as grouped matrix products (see :class:`LinearForm`).
 
+    ``x`` is one array or a list of per-feed arrays whose shapes may differ (see :func:`stack_inputs`;
+    ``to_output`` then gives the Conv outputs per feed, the rows of MatMul / Gemm).
     ``attrs`` are the node's ONNX attributes as a dict (``onnx.helper.get_attribute_value``).
     ``max_rows`` keeps that many output positions, drawn without replacement with ``seed``.
     """
     w = np.asarray(w, np.float32)
-    x = np.asarray(x, np.float32)
+    if isinstance(x, (list, tuple)):
+        x = stack_inputs(op_type, attrs, list(x))
     if op_type == "Conv":
-        return _conv_form(attrs, w, x, max_rows, seed)
+        single = not isinstance(x, list)
+        return _conv_form(attrs, w, [np.asarray(x, np.float32)] if single else x, max_rows, seed, single)
+    x = np.asarray(x, np.float32)
     if w.ndim != 2:
         raise NotImplementedError(f"{op_type} with a {w.ndim}-D weight is not supported (2-D only)")
     if op_type == "Gemm":
@@ -187,15 +230,16 @@ class _Objective:
         return float(np.sum(e * e)) * self.norm
 
 
-def adaround(w: np.ndarray, x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None, qmin: int,
-             qmax: int, op_type: str, attrs: dict, *, iters: int = 500, reg: float = 0.01,
+def adaround(w: np.ndarray, x: np.ndarray | list[np.ndarray], scale: np.ndarray, zero_point: np.ndarray,
+             axis: int | None, qmin: int, qmax: int, op_type: str, attrs: dict, *, iters: int = 500, reg: float = 0.01,
              beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, max_rows: int = 2048, lr: float = 1e-2,
              seed: int = 0) -> tuple[np.ndarray, dict]:
     """Integer weights (int32, shape of ``w``, in [qmin, qmax]) chosen by AdaRound on the grid
     (``scale``, ``zero_point``, ``axis`` as in DequantizeLinear) and an info dict: ``loss_nearest`` and
     ``loss_adaround`` (layer output MSE on the sampled rows, float64), ``iters``, ``used`` ("adaround", or
     "nearest" when AdaRound's MSE is not lower), ``changed`` (integers differing from nearest), ``rows``,
-    ``seconds``. ``x`` is the layer's float input on calibration data, ``attrs`` the node's attributes."""
+    ``seconds``. ``x`` is the layer's float input on calibration data (one array, or one per feed as in
+    :func:`layer_matrix`), ``attrs`` the node's attributes."""
     start = time.perf_counter()
     w = np.asarray(w, np.float32)
     form = layer_matrix(op_type, attrs, w, x, max_rows, seed)
@@ -251,7 +295,9 @@ def adaround(w: np.ndarray, x: np.ndarray, scale: np.ndarray, zero_point: np.nda
 def _digest(*parts) -> str:
     h = hashlib.sha256()
     for part in parts:
-        if isinstance(part, np.ndarray):
+        if isinstance(part, list) and part and all(isinstance(p, np.ndarray) for p in part):
+            h.update(f"list{len(part)}:{_digest(*part)}".encode())  # per-feed layer inputs
+        elif isinstance(part, np.ndarray):
             a = np.ascontiguousarray(part)
             h.update(f"{a.dtype}{a.shape}".encode())
             h.update(a.tobytes())
@@ -266,10 +312,12 @@ def _weight_dq(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray],
-                   layer_inputs: dict[str, np.ndarray], cache: dict | None = None, **kw) -> dict[str, dict]:
+                   layer_inputs: dict[str, np.ndarray | list[np.ndarray]], cache: dict | None = None,
+                   **kw) -> dict[str, dict]:
     """Replace the integer weights ``<w>_quantized`` of every Conv / Gemm / MatMul in ``qdq_model`` (in
     place) by AdaRound's, keeping their ONNX type (int4 included). ``float_inits`` maps ``<w>`` to the float
-    weight, ``layer_inputs`` a node NAME to its float input activations on calibration data; nodes
+    weight, ``layer_inputs`` a node NAME to its float input activations on calibration data (an array, or a
+    list of per-feed arrays whose shapes may differ); nodes
     missing from either, with a shared weight or a blocked grid are left alone. ``kw`` goes to
     :func:`adaround`. ``cache`` (a plain dict the caller may keep, e.g. with ``np.savez``) maps a hex key
     of node, weight, input, grid, attributes and ``kw`` to the int32 result, so a repeated grid costs no
@@ -304,9 +352,9 @@ def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray
         zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int32) if has_zp else np.zeros(scale.shape, np.int32)
         axis = attrs_dq.get("axis")
         w = np.asarray(float_inits[base], np.float32)
-        x = layer_inputs[node.name]
-        x = np.concatenate(x) if isinstance(x, (list, tuple)) else x
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        x = layer_inputs[node.name]
+        x = stack_inputs(node.op_type, attrs, list(x)) if isinstance(x, (list, tuple)) else x
         key = None
         if cache is not None:
             key = _digest("adaround-v1", node.name, node.op_type, sorted(attrs.items()), w, x, scale, zp, qmin, qmax,
@@ -327,11 +375,13 @@ def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray
 
 
 def collect_layer_inputs(float_model: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
-                         nodes: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Float input activations (first input, batches concatenated on axis 0) of the Conv / Gemm / MatMul
-    nodes of ``float_model`` (all, or those named in ``nodes``), keyed by node name."""
+                         nodes: list[str] | None = None) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """Float input activations (first input, the samples joined by :func:`stack_inputs`, so they may
+    differ in shape) of the Conv / Gemm / MatMul nodes of ``float_model`` (all, or those named in
+    ``nodes``), keyed by node name."""
     from .bias_correction import tensor_values
 
     wanted = [n for n in float_model.graph.node if n.op_type in LAYER_OPS and (nodes is None or n.name in nodes)]
     values = tensor_values(float_model, sorted({n.input[0] for n in wanted}), samples)
-    return {n.name: np.concatenate(values[n.input[0]]) for n in wanted}
+    return {n.name: stack_inputs(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
+                                 values[n.input[0]]) for n in wanted}
