@@ -1,10 +1,10 @@
 """Loading, validating, hashing and preparing the float model.
 
 Preparation: the graph clean-ups of autoquant.prepare (constant If folding, Constant -> initializer),
-opset upgrade to >= 13 (per-channel QDQ needs it), ONNX Runtime's own ``quant_pre_process`` (symbolic
-shape inference; its graph optimisation is left to the searched variants, see autoquant.variants), node
-naming, and a record of every step plus a PreparationReport so the user can see what was changed and what
-stays float.
+opset upgrade to >= 13 (per-channel QDQ needs it; Constant -> initializer again after it, for the Constants
+the converter adds), ONNX Runtime's own ``quant_pre_process`` (symbolic shape inference; its graph
+optimisation is left to the searched variants, see autoquant.variants), node naming, and a record of every
+step plus a PreparationReport so the user can see what was changed and what stays float.
 
 External data: a model file's external data is loaded from the model's folder only (locations outside it
 are refused). The prepared model is one .onnx file, unless it is larger than LARGE_MODEL_BYTES: then its
@@ -26,7 +26,8 @@ from onnx import TensorProto
 
 from ._io import atomic_write, sha256_bytes, sha256_file
 from .errors import ModelError
-from .prepare import PreparationReport, check_external_data, external_tensors, prepare_graph, quantizable_summary
+from .prepare import (PreparationReport, check_external_data, constants_to_initializers, external_tensors,
+                      prepare_graph, quantizable_summary)
 
 MIN_OPSET = 13
 LARGE_MODEL_BYTES = int(1.5 * 2**30)  # above this the prepared model's tensors are written as external data
@@ -155,14 +156,19 @@ def _model_sha256(path: Path, data: Path | None) -> str:
 
 
 def _upgrade_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Convert to MIN_OPSET when older, then turn Constant nodes into initializers once more: the converter
+    writes the attributes that became inputs (Squeeze / Unsqueeze / Reduce axes, Split sizes, Clip bounds,
+    ...) as new Constant nodes, and ORT only treats initializers as constant inputs (weights included)."""
     opset = model_opset(proto)
     if opset >= MIN_OPSET:
         return proto, []
     try:
-        return onnx.version_converter.convert_version(proto, MIN_OPSET), [f"opset upgraded {opset} -> {MIN_OPSET}"]
+        upgraded = onnx.version_converter.convert_version(proto, MIN_OPSET)
     except Exception as exc:
         raise ModelError(f"model opset {opset} < {MIN_OPSET} and the upgrade failed ({exc}); "
                          f"re-export the model with opset >= {MIN_OPSET}") from None
+    upgraded, moved = constants_to_initializers(upgraded)
+    return upgraded, [f"opset upgraded {opset} -> {MIN_OPSET}"] + [f"after the opset upgrade: {s}" for s in moved]
 
 
 def _infer_shapes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:

@@ -219,3 +219,67 @@ def test_layer_matrix_on_conv_feeds_of_different_widths():
     for got, feed in zip(form.to_output(np.matmul(form.x, form.w.transpose(0, 2, 1))), feeds):
         np.testing.assert_allclose(got, _run(nobias, feed), rtol=1e-4, atol=1e-4)
     assert layer_matrix("Conv", {"pads": [1, 1, 1, 1]}, w, [f["x"] for f in feeds], max_rows=50).x.shape[1] == 50
+
+
+# ---------------------------------------------------------------------------------- old opsets, Constant weights
+def _opset11_constant_weights_model() -> onnx.ModelProto:
+    """Opset 11, every weight a Constant node, plus Split / Squeeze / Unsqueeze whose attributes the opset-13
+    converter rewrites as (new Constant) inputs:
+    Conv -> Relu -> Split -> Add -> Flatten -> Unsqueeze -> MatMul -> Squeeze."""
+    rng = np.random.default_rng(0)
+
+    def const(name: str, arr: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                value=numpy_helper.from_array(arr.astype(np.float32), name))
+
+    nodes = [const("w", rng.normal(0, 0.3, (4, 3, 3, 3))), const("b", rng.normal(0, 0.1, (4,))),
+             const("wm", rng.normal(0, 0.1, (2 * 8 * 8, 5))),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Split", ["r"], ["s1", "s2"], name="split", axis=1, split=[2, 2]),
+             helper.make_node("Add", ["s1", "s2"], ["a"], name="add"),
+             helper.make_node("Flatten", ["a"], ["f"], name="flat", axis=1),
+             helper.make_node("Unsqueeze", ["f"], ["u"], name="unsq", axes=[1]),
+             helper.make_node("MatMul", ["u", "wm"], ["m"], name="mm"),
+             helper.make_node("Squeeze", ["m"], ["y"], name="sq", axes=[1])]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_constants_added_by_the_opset_upgrade_become_initializers(tmp_path, base_config, granularity):
+    from autoquant.build import RangeCache, build_qdq_model
+
+    model = _opset11_constant_weights_model()
+    prepared = prepare_model(load_model(model), tmp_path / "p.onnx")
+    proto = prepared.load()
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    assert "opset upgraded 11 -> 13" in prepared.steps
+    assert [n.name for n in proto.graph.node if n.op_type == "Constant"] == []  # the converter's ones too
+    assert any(s.startswith("after the opset upgrade:") for s in prepared.steps)
+    inits = {t.name for t in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node}
+    assert {nodes["conv"].input[1], nodes["conv"].input[2], nodes["mm"].input[1]} <= inits
+    assert nodes["split"].input[1] in inits and nodes["unsq"].input[1] in inits  # split sizes, axes
+
+    feeds = _feeds((1, 3, 8, 8), n=4)
+    np.testing.assert_allclose(_run(str(prepared.path), feeds[0]), _run(model, feeds[0]), rtol=1e-5, atol=1e-6)
+    stats, _ = collect_statistics(proto, float_activation_tensors(proto),
+                                  CalibrationSource(feeds, prepared.input_specs), prepared.sha256)
+    config = dict(base_config, weight_granularity=granularity)
+    out = tmp_path / "q.onnx"
+    build_qdq_model(prepared.path, RangeCache(stats).ranges(config), config, out)
+    qdq = onnx.load(str(out))
+    q_inits = {t.name: t for t in qdq.graph.initializer}
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    for name, n_scales in (("conv", 4), ("mm", 5)):
+        node = next(n for n in qdq.graph.node if n.name == name)
+        dq = producers[node.input[1]]
+        assert dq.op_type == "DequantizeLinear" and q_inits[dq.input[0]].data_type == TensorProto.INT8
+        assert numpy_helper.to_array(q_inits[dq.input[1]]).size == (n_scales if granularity == "per_channel" else 1)
+    ref = _run(model, feeds[1])
+    assert _sqnr_db(ref, _run(str(out), feeds[1])) > 25
