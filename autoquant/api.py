@@ -142,16 +142,40 @@ def _check_output_dir(output_dir: Path) -> None:
 @contextlib.contextmanager
 def _stage_lock(out: Path):
     """An exclusive file lock per output_dir on this machine (workers on other machines that share the
-    folder compute identical statistics and write them atomically)."""
+    folder compute identical statistics and write them atomically).
+
+    The lock file lives in the temp dir (output_dir must not be created before the inputs are known to be
+    good) and is deleted on release, by its holder, before unlocking. A waiter may thus lock a file that was
+    unlinked meanwhile: it then retries on whatever file the path now names, so exactly one process holds
+    the lock on the current file at any time.
+    """
     import fcntl
 
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"autoquant-{key}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = Path(tempfile.gettempdir()) / f"autoquant-{key}.lock"
+    while True:
+        f = open(path, "a")
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held = os.fstat(f.fileno())
+            current = os.stat(path)
+        except FileNotFoundError:  # unlinked by the previous holder after we opened it
+            f.close()
+            continue
+        except BaseException:
+            f.close()
+            raise
+        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            break
+        f.close()  # the path names a newer file now: lock that one
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(OSError):  # e.g. another user's file in a sticky /tmp: it just stays
+                path.unlink(missing_ok=True)  # while still holding the lock (see the docstring)
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()  # closing releases the flock
 
 
 def _check_same_settings(name: str, attrs: dict, settings: dict) -> None:

@@ -283,3 +283,56 @@ def test_constants_added_by_the_opset_upgrade_become_initializers(tmp_path, base
         assert numpy_helper.to_array(q_inits[dq.input[1]]).size == (n_scales if granularity == "per_channel" else 1)
     ref = _run(model, feeds[1])
     assert _sqnr_db(ref, _run(str(out), feeds[1])) > 25
+
+
+# ------------------------------------------------------------------------------------------------ lock files
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """A temp dir of this test's own (tempfile's documented ``tempdir`` setting, and TMPDIR for child
+    processes), so the autoquant files in it are ours alone even while other test runs share /tmp."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+def test_optimize_leaves_no_lock_file(tmp_path, private_tmp):
+    model = _dynamic_matmul_model()
+    feeds = _varying_feeds(lambda t: (1, t, 16), (4, 6))
+    for _ in range(2):  # a fresh study, then a resumed one (loads everything from the cache)
+        optimize(model, feeds, _mse_eval(model, feeds), allowed_accuracy_drop=1.0, higher_is_better=False,
+                 search_space={"knobs": {"calibration": "minmax", "fallback_k": 0}}, n_trials=1,
+                 output_dir=tmp_path / "out", show_progress=False, measure_latency=False)
+    assert sorted(p.name for p in private_tmp.glob("autoquant-*")) == []  # no lock file, no staging dir
+
+
+def _hold_stage_lock(out: str, log: str, rounds: int) -> None:
+    import time
+
+    from autoquant.api import _stage_lock
+
+    for _ in range(rounds):
+        with _stage_lock(Path(out)):
+            with open(log, "a") as f:
+                f.write("enter\n")
+            time.sleep(0.01)
+            with open(log, "a") as f:
+                f.write("exit\n")
+
+
+def test_stage_lock_excludes_other_processes_and_is_removed(tmp_path, private_tmp):
+    """Processes contending for one output_dir never overlap, although every release deletes the file."""
+    import multiprocessing
+
+    log = tmp_path / "log.txt"
+    ctx = multiprocessing.get_context("spawn")  # the children read tempfile.tempdir from TMPDIR
+    procs = [ctx.Process(target=_hold_stage_lock, args=(str(tmp_path / "out"), str(log), 15)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = log.read_text().split()
+    assert lines == ["enter", "exit"] * 45  # strictly alternating: one holder at a time
+    assert list(private_tmp.glob("autoquant-*")) == []
