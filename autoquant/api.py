@@ -378,7 +378,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                 "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                 "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
                 "stats_key": statistics[variants.BASE].key,
-                "prepared_model": str(prepared.path), "preparation": {**prepared.report.to_dict(), "variants": {v: m.steps for v, m in models.items()}}, "seed": int(seed),
+                "prepared_model": str(prepared.path), "preparation": _preparation_record(models, statistics),
+                "seed": int(seed),
                 "launch": {  # what `autoquant worker` needs to join this study
                     "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
                     "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
@@ -448,6 +449,23 @@ def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type
         study.set_user_attr(k, v)
 
 
+MASK_REASON = "reads or writes a masking value (|x| >= 1e30, e.g. an attention mask): kept float so it still masks"
+
+
+def masked_nodes(proto: onnx.ModelProto, masked_tensors) -> list[str]:
+    """Nodes that read or write a tensor holding masking sentinels: quantizing them would clip the mask
+    to the real values' range, and the masked positions would leak through."""
+    return [n.name for n in proto.graph.node if masked_tensors & {*n.input, *n.output}]
+
+
+def _preparation_record(models: dict[str, PreparedModel], statistics: dict) -> dict:
+    """The base model's preparation report, plus nodes kept float for masking values, plus each variant's steps."""
+    record = {**models[variants.BASE].report.to_dict(), "variants": {v: m.steps for v, m in models.items()}}
+    masked = masked_nodes(models[variants.BASE].load(), statistics[variants.BASE].masked_tensors)
+    record["float_nodes"] = {**record.get("float_nodes", {}), **{n: MASK_REASON for n in masked}}
+    return record
+
+
 def _uses_sensitivity(space: SearchSpace) -> bool:
     """Whether the space has a knob placing nodes by sensitivity (fallback, 16-bit, 4-bit)."""
     def used(knob: str) -> bool:
@@ -488,6 +506,7 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
         # ORT would quantize an unfolded BatchNorm's scale per tensor as a weight (one outlier channel
         # then zeroes the others): BatchNorm that is not folded stays float.
         keep_float = tuple(n.name for n in proto.graph.node if n.op_type == "BatchNormalization")
+        keep_float += tuple(masked_nodes(proto, statistics[v].masked_tensors))
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
                         frozenset(n.name for n in proto.graph.node), macs_per_node(proto), keep_float,
                         _ranking_measure(m, statistics[v], cache_dir))
@@ -587,7 +606,8 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         from .export import export
 
         result.export_path = str(export(model_path, out / f"quantized{EXPORT_SUFFIX[fmt]}", fmt))
-    save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better), out / "report.csv")
+    save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better, delivered=chosen.number),
+             out / "report.csv")
     try:
         result.plot(out / "pareto.png")
     except ConfigError:  # matplotlib is an optional extra

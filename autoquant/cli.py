@@ -47,7 +47,9 @@ def _cmd_report(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=info["study_name"], storage=storage)
     higher = bool(study.user_attrs.get("higher_is_better", True))
-    df = trials_frame(study, all_trials=args.all, higher_is_better=higher)
+    result_json = out / "result.json"
+    delivered = json.loads(result_json.read_text()).get("trial_number") if result_json.exists() else None
+    df = trials_frame(study, all_trials=args.all, higher_is_better=higher, delivered=delivered)
     import pandas as pd
 
     with pd.option_context("display.max_columns", None, "display.width", 200):

@@ -24,17 +24,21 @@ def pareto_trials(study: optuna.Study, higher_is_better: bool) -> list[optuna.tr
     return pareto_front(complete, higher_is_better) if complete else []
 
 
-def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better: bool = True) -> pd.DataFrame:
+def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better: bool = True,
+                 delivered: int | None = None) -> pd.DataFrame:
+    """The Pareto trials (or every trial), plus the ``delivered`` trial, which the default selection may
+    take off the (accuracy, size) front when it is faster than fp32 and the smaller ones are not."""
     fp32_size = study.user_attrs.get("fp32_size_bytes")
     front = {t.number for t in pareto_trials(study, higher_is_better)}
     trials = study.get_trials(deepcopy=False) if all_trials else [
-        t for t in study.get_trials(deepcopy=False) if t.number in front
+        t for t in study.get_trials(deepcopy=False) if t.number in front or t.number == delivered
     ]
     rows = []
     for t in trials:
         a = t.user_attrs
         d = a.get(DETAILS, {})
-        row = {"trial": t.number, "state": t.state.name, "pareto": t.number in front}
+        row = {"trial": t.number, "state": t.state.name, "pareto": t.number in front,
+               "delivered": t.number == delivered}
         row.update({k: a.get("config", {}).get(k, t.params.get(k)) for k in KNOBS})
         row.update({
             "accuracy": a.get("accuracy"), "drop": a.get("drop"), "feasible": a.get("feasible"),
@@ -47,7 +51,7 @@ def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better
             "fail_reason": a.get("fail_reason"),
         })
         rows.append(row)
-    cols = ["trial", "state", "pareto", *KNOBS, *METRICS, "reused_from", "model_file", "fail_reason"]
+    cols = ["trial", "state", "pareto", "delivered", *KNOBS, *METRICS, "reused_from", "model_file", "fail_reason"]
     df = pd.DataFrame(rows, columns=cols)
     if not all_trials and len(df):
         df = df.sort_values(["size_bytes", "accuracy"], ascending=[True, not higher_is_better]).reset_index(drop=True)

@@ -39,8 +39,10 @@ class OptimizeResult:
         return self.size_bytes / self.fp32_size_bytes
 
     def report(self, all_trials: bool = False) -> pd.DataFrame:
-        """Pareto-optimal trials (accuracy vs model size), or every trial with ``all_trials=True``."""
-        return trials_frame(self.study, all_trials=all_trials, higher_is_better=self.higher_is_better)
+        """Pareto-optimal trials (accuracy vs model size) and the delivered one (column ``delivered``), or
+        every trial with ``all_trials=True``."""
+        return trials_frame(self.study, all_trials=all_trials, higher_is_better=self.higher_is_better,
+                            delivered=self.trial_number)
 
     def sensitivity(self) -> pd.DataFrame:
         """Per compute node: output SQNR (dB) vs fp32 when only that node is quantized, at each measured

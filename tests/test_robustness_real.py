@@ -112,6 +112,12 @@ def test_optimize_on_a_model_with_masking_sentinels(tmp_path):
     assert r.feasible
     out = _run(r.model_path, feeds[0])
     assert np.isfinite(out).all()
+    # the nodes around the mask stay float (quantizing them would clip the mask), and say why
+    assert {n for n, why in r.preparation["float_nodes"].items() if "masking" in why} == {"add_mask", "softmax"}
+    delivered = onnx.load(r.model_path)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "masked" for n in delivered.graph.node)
+    assert next(n for n in delivered.graph.node if n.name == "softmax").input[0] == "masked"
+    assert any(n.op_type == "DequantizeLinear" for n in delivered.graph.node)  # the MatMuls are quantized
 
 
 # ------------------------------------------------------------------------------ feeds of different shapes
