@@ -291,7 +291,8 @@ class Objective:
     def _prescore(self, trial: optuna.Trial, path: Path, details: dict, sqnr: float | None = None) -> None:
         """Cheap fidelities before the full eval; prune (PRUNED + reason) when clearly hopeless."""
         details["sqnr_db"] = self.pruner.sqnr(path) if sqnr is None else sqnr
-        reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"])
+        cost = float(path.stat().st_size if self.objective == "size" else details[OBJECTIVES[self.objective]])
+        reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"], cost)
         if reason is None:
             try:
                 reason, details["subset_score"] = self.pruner.subset_verdict(path)

@@ -3,7 +3,8 @@
 Fidelity 1, always: output SQNR of the trial model vs fp32 on a few cached calibration feeds (no user
 code). A trial is pruned when its SQNR is clearly below (``margin_db``) that of a trial already
 evaluated and found infeasible, and no trial at a similar or lower SQNR was feasible: accuracy falls
-with output noise, so it cannot do better. Fidelity 2, when the user gives ``eval_subset_callback``:
+with output noise, so it cannot do better. It is also pruned when a feasible trial has a clearly higher
+SQNR and costs no more (size, or the chosen objective): it could not join the Pareto front. Fidelity 2, when the user gives ``eval_subset_callback``:
 the drop on that subset; pruned when it exceeds the allowed drop by more than the allowance again.
 Pruned trials are recorded as PRUNED with the reason, through Optuna's pruning interface.
 """
@@ -34,19 +35,30 @@ class Pruner:
     def sqnr(self, path: Path) -> float:
         return sqnr_db(self.reference, run_outputs(session(path), self.samples))
 
-    def sqnr_verdict(self, study: optuna.Study, sqnr: float) -> str | None:
+    def sqnr_verdict(self, study: optuna.Study, sqnr: float, cost: float | None = None) -> str | None:
+        """Why a trial with this output SQNR (and this value of the second objective) is hopeless, or None.
+
+        Hopeless: (a) its SQNR is more than ``margin_db`` below an infeasible trial's, and no trial at a
+        similar or lower SQNR was feasible; or (b) a feasible trial has an SQNR ``margin_db`` higher and
+        costs no more: this one would be less accurate and no cheaper, so it cannot join the Pareto front.
+        """
         if not self.enabled:
             return None
-        scored = [(t.user_attrs["details"].get("sqnr_db"), bool(t.user_attrs["feasible"]))
-                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        scored = [(s, f) for s, f in scored if s is not None]
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs["details"].get("sqnr_db") is not None]
+        scored = [(t.user_attrs["details"]["sqnr_db"], bool(t.user_attrs["feasible"])) for t in done]
         infeasible = [s for s, f in scored if not f]
-        if not infeasible or sqnr >= max(infeasible) - self.margin_db:
-            return None
-        if any(f and s <= sqnr + self.margin_db for s, f in scored):
-            return None
-        return (f"output SQNR {sqnr:.1f} dB is more than {self.margin_db:g} dB below an infeasible trial's "
-                f"{max(infeasible):.1f} dB")
+        if infeasible and sqnr < max(infeasible) - self.margin_db and not any(
+                f and s <= sqnr + self.margin_db for s, f in scored):
+            return (f"output SQNR {sqnr:.1f} dB is more than {self.margin_db:g} dB below an infeasible trial's "
+                    f"{max(infeasible):.1f} dB")
+        if cost is not None:
+            for t in done:
+                s = t.user_attrs["details"]["sqnr_db"]
+                if t.user_attrs["feasible"] and s >= sqnr + self.margin_db and t.values[1] <= cost:
+                    return (f"dominated: feasible trial {t.number} has {s - sqnr:.1f} dB more output SQNR "
+                            f"and costs no more ({t.values[1]:.6g} <= {cost:.6g})")
+        return None
 
     def subset_verdict(self, path: Path) -> tuple[str | None, float | None]:
         if self.subset_callback is None:

@@ -180,3 +180,30 @@ def test_plot_written(demo, tmp_path):
     png = tmp_path / "o" / "pareto.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r.plot(tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_sqnr_pruner_verdicts_on_a_real_study(prepared_demo, tmp_path):
+    """Rule (a): far below an infeasible trial; rule (b): dominated by a feasible trial (more SQNR, no
+    more cost). Trials that could still join the Pareto front are never pruned."""
+    import optuna
+    from optuna.trial import create_trial
+
+    from autoquant.prune import Pruner
+
+    prepared, stats = prepared_demo
+    pruner = Pruner(prepared.path, stats.samples, margin_db=3.0)
+    study = optuna.create_study(directions=["maximize", "minimize"], storage=f"sqlite:///{tmp_path}/s.db")
+    assert pruner.sqnr_verdict(study, 5.0, 100.0) is None  # nothing scored yet
+
+    def add(sqnr, feasible, size):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[0.9, size], user_attrs={
+            "feasible": feasible, "details": {"sqnr_db": sqnr}}))
+
+    add(30.0, True, 100.0)
+    assert "dominated" in pruner.sqnr_verdict(study, 20.0, 100.0)
+    assert pruner.sqnr_verdict(study, 20.0, 60.0) is None  # smaller: may be a new Pareto point
+    assert pruner.sqnr_verdict(study, 28.0, 120.0) is None  # within the margin
+    add(15.0, False, 50.0)
+    assert "below an infeasible" in pruner.sqnr_verdict(study, 10.0, 40.0)
+    assert pruner.sqnr_verdict(study, 14.0, 40.0) is None
+    assert Pruner(prepared.path, stats.samples, enabled=False).sqnr_verdict(study, 1.0, 1e9) is None
