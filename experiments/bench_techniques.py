@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +47,7 @@ from autoquant.stats import collect_statistics_many
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import cpu_model, git_rev, md_table, session  # noqa: E402
+from _common import interleaved_medians, md_table, publish, version_cpu_lines  # noqa: E402
 ALLOWED_DROP = 0.01
 COLLAPSED_SHARE = 0.99  # a model predicting one class for >= 99 % of the eval images is marked collapsed (†)
 
@@ -70,24 +68,8 @@ NAIVE = {
 def latency_ratio(model: Path, fp32: Path, x: np.ndarray, runs: int, warmup: int = 10) -> tuple[float, float]:
     """(median latency of ``model`` / median latency of ``fp32``, fp32 median seconds); single thread,
     the two models interleaved run by run."""
-    sess = {"q": session(model), "f": session(fp32)}
-    for s in sess.values():
-        for _ in range(warmup):
-            s.run(None, {"x": x})
-    times = {"q": [], "f": []}
-    for _ in range(runs):
-        for k, s in sess.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[k].append(time.perf_counter() - t0)
-    fq, ff = statistics.median(times["q"]), statistics.median(times["f"])
-    return fq / ff, ff
-
-
-
-
-
-
+    m = interleaved_medians({"q": model, "f": fp32}, {"x": x}, runs, warmup)
+    return m["q"] / m["f"], m["f"]
 
 
 def f(x, fmt=".4f"):
@@ -510,11 +492,7 @@ def main() -> int:
     fp32_lat_all = [x for v in B.fp32_lat.values() for x in v]
     env_lines = [
         f"- Date: {started.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-        f"- Versions: onnxruntime {ort.__version__}, optuna {optuna.__version__}, onnx {onnx.__version__}, "
-        f"numpy {np.__version__}, Python {platform.python_version()}, autoquant {getattr(autoquant, '__version__', '?')}"
-        f" (git {git_rev()})",
-        f"- CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}, usable (affinity) = "
-        f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; {platform.platform()}",
+        *version_cpu_lines(),
         f"- Tasks: `DemoTask(kind=..., seed={args.seed}, n_eval={args.n_eval})` — {args.n_eval} eval images, "
         f"{len(B.tasks['outlier'].calib)} calibration images (batches of {B.tasks['outlier'].calib_batch}); "
         "metric = top-1 agreement with fp32 (fp32 = 1.0). SQNR = 10·log10(Σ fp32² / Σ (fp32 − quant)²) over the "
@@ -563,7 +541,8 @@ def main() -> int:
         + group_a8,
         "<details><summary>All COMPLETE and PRUNED trials</summary>\n\nSQNR: this script's, on the eval "
         "images; for PRUNED trials autoquant's pre-score on 2 calibration feeds. Latency ratio: autoquant's own "
-        "per-trial measurement (`details['latency_ratio']`, 1 thread, one calibration sample).\n\n" + trials_table + "\n\n</details>",
+        "per-trial measurement (`details['latency_ratio']`, 1 thread, interleaved with fp32 on the first "
+        "calibration feed as given).\n\n" + trials_table + "\n\n</details>",
         "## 2. W4A8 per-channel: nearest rounding vs AdaRound\n\n"
         f"Space: {short_config({**w4, 'weight_rounding': '<varied>', 'weight_symmetric': True, 'activation_symmetric': False})}; "
         "same calibration data; n_trials=2 (trial 1 repeats the config to time the warm build — AdaRound's "
@@ -585,11 +564,7 @@ def main() -> int:
         "In the default-space search of section 1 (outlier task):\n\n" + "\n".join(search_cost_lines),
     ]).rstrip() + "\n"
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(md)
-    print()
-    print(md)
-    print(f"wrote {args.out}")
+    publish(args.out, md)
     tmp.cleanup()
     return 0
 
