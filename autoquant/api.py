@@ -418,8 +418,9 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             shutil.rmtree(objective.trial_dir / "screen", ignore_errors=True)  # screened builds no trial used
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
             raise NoCompletedTrialError(
-                f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics and the fp32 "
-                f"evaluation took {time.perf_counter() - t_start:.1f} s); raise timeout"
+                f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics, "
+                f"sensitivity, the fp32 evaluation and screening the starting points took "
+                f"{time.perf_counter() - t_start:.1f} s); raise timeout"
             )
         result = _deliver(study, out, select, higher_is_better, scoring)
         result.eval_calls = eval_calls + objective.eval_calls

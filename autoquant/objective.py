@@ -241,10 +241,11 @@ class Objective:
         return dict(info.refinements)
 
     def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], float | None]]:
-        """Build each starting point and score its output SQNR (no user eval), highest first, so the first
-        full evals go to the configs most likely to be feasible. Built files are kept for the trials
-        that run these configs. Points that fail to build keep their place at the end (their trial
-        records the failure)."""
+        """Build each starting point and score its output SQNR (no user eval). Order: fully quantized
+        points first, then those keeping nodes float / 16-bit (the rescue when the cheap ones fail), each
+        group highest SQNR first, so the first full evals go to the cheap configs most likely to be
+        feasible. Built files are kept for the trials that run these configs. Points that fail to build
+        go last (their trial records the failure)."""
         if self.pruner is None:
             return [(label, params, None) for label, params in points]
         scored = []
@@ -253,6 +254,8 @@ class Objective:
         for i, (label, params) in enumerate(points):
             config = self.space.suggest(optuna.trial.FixedTrial(params), self.n_compute_nodes)
             src = self.sources[variant_of(config)]
+            heavy = bool(config.get("fallback_k") or config.get("a16_k") or config.get("activation_bits", 8) > 8
+                         or config.get("weight_bits", 8) > 8)
             try:
                 fallback, mixed = self._plan(config, src)
                 path = screen_dir / f"point-{i}.onnx"
@@ -261,8 +264,9 @@ class Objective:
                 self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr)
             except TrialFailed:
                 sqnr = None
-            scored.append((label, params, sqnr))
-        return sorted(scored, key=lambda p: -p[2] if p[2] is not None else math.inf)
+            scored.append((heavy, label, params, sqnr))
+        scored.sort(key=lambda p: (p[3] is None, p[0], -p[3] if p[3] is not None else 0.0))
+        return [(label, params, sqnr) for _, label, params, sqnr in scored]
 
     def _plan(self, config: dict, src: Source) -> tuple[list[str], MixedPrecision]:
         """Sensitivity-ranked per-node precision: the fallback_k most sensitive nodes float, the next

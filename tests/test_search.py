@@ -49,8 +49,12 @@ def test_starting_points_run_first(demo, tmp_path):
     trt = next(t for t in first if t.user_attrs["enqueued"].startswith("tensorrt-style"))
     assert trt.params["calibration"] == "entropy" and trt.params["weight_granularity"] == "per_channel"
     # screened before any eval: highest output SQNR first, and each trial reuses its screened build
-    screened = [t.user_attrs["screen_sqnr_db"] for t in first]
-    assert screened == sorted(screened, reverse=True)
+    # fully quantized points first, then those keeping nodes float; each group highest SQNR first
+    heavy = [bool(t.user_attrs["config"]["fallback_k"]) for t in first]
+    assert heavy == sorted(heavy)
+    for group in (False, True):
+        screened = [t.user_attrs["screen_sqnr_db"] for t, h in zip(first, heavy) if h == group]
+        assert screened == sorted(screened, reverse=True)
     for t in first:
         if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs["details"]:
             assert t.user_attrs["details"]["sqnr_db"] == pytest.approx(t.user_attrs["screen_sqnr_db"])
