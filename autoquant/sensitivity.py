@@ -82,7 +82,7 @@ def _db(sig: float, noise: float) -> float:
         return float("inf")
     if sig == 0.0:
         return float("-inf")
-    return 10.0 * np.log10(sig / noise)
+    return float(10.0 * np.log10(sig / noise))
 
 
 def run_outputs(sess: ort.InferenceSession, samples: list[dict]) -> list[np.ndarray]:
