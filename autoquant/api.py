@@ -42,7 +42,7 @@ from .refine import Refiner
 from .report import save_csv, trials_frame
 from .result import OptimizeResult
 from .select import SELECT_MODES, rank
-from .sensitivity import measure_sensitivity, rank_nodes
+from .sensitivity import PRECISIONS, measure_sensitivity, rank_nodes
 from .space import KNOBS, SearchSpace, preset_names
 from .study import DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, open_storage, recover_stale_trials
 
@@ -393,7 +393,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
                                                    else (None if storage is None else type(storage).__name__)})
 
-        sources = _sources(models, statistics, cache_dir)
+        sources = _sources(models, statistics, cache_dir, _sensitivity_precisions(space))
         default = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE
         if _uses_sensitivity(space):
             _record_sensitivity(study, sources[default])
@@ -469,11 +469,17 @@ def _preparation_record(models: dict[str, PreparedModel], statistics: dict) -> d
 
 def _uses_sensitivity(space: SearchSpace) -> bool:
     """Whether the space has a knob placing nodes by sensitivity (fallback, 16-bit, 4-bit)."""
+    return bool(_sensitivity_precisions(space))
+
+
+def _sensitivity_precisions(space: SearchSpace) -> tuple[str, ...]:
+    """The precisions the space's knobs rank nodes at: w8a8 orders fallback_k and a16_k, w4a8 orders
+    w4_fraction (autoquant.objective). Only these are measured."""
     def used(knob: str) -> bool:
         dom = space.domains.get(knob)
         return dom is not None and bool((dom.values and max(dom.values) > 0) or (dom.high and dom.high > 0))
 
-    return any(used(k) for k in ("fallback_k", "a16_k", "w4_fraction"))
+    return (("w8a8",) if used("fallback_k") or used("a16_k") else ()) + (("w4a8",) if used("w4_fraction") else ())
 
 
 def _record_sensitivity(study: optuna.Study, source: Source) -> None:
@@ -499,7 +505,8 @@ def _pruner(study: optuna.Study, prepared: PreparedModel, statistics: dict, scor
                   subset_scoring=subset_scoring, enabled=enabled)
 
 
-def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path) -> dict[str, Source]:
+def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path,
+             precisions: tuple[str, ...] = ("w8a8", "w4a8")) -> dict[str, Source]:
     ranges = {id(st): RangeCache(st) for st in statistics.values()}  # variants sharing statistics share ranges
     out = {}
     for v, m in models.items():
@@ -510,16 +517,18 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
         keep_float += tuple(masked_nodes(proto, statistics[v].masked_tensors))
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
                         frozenset(n.name for n in proto.graph.node), macs_per_node(proto), keep_float,
-                        _ranking_measure(m, statistics[v], cache_dir))
+                        _ranking_measure(m, statistics[v], cache_dir, precisions))
     return out
 
 
-def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path):
+def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisions: tuple[str, ...]):
     def measure() -> dict[str, list[str]]:
-        sensitivity = measure_sensitivity(model.path, statistics, compute_nodes(model.load()), cache_dir)
-        measure.sensitivity = {n: {p: (v if np.isfinite(v) else None) for p, v in d.items()}
-                               for n, d in sensitivity.items()}
-        return {p: rank_nodes(sensitivity, p) for p in ("w8a8", "w4a8")}
+        sensitivity = measure_sensitivity(model.path, statistics, compute_nodes(model.load()), cache_dir,
+                                          precisions=precisions)
+        # every precision keeps its column in result.sensitivity(): None where not measured (or inf)
+        measure.sensitivity = {n: {p: (v if (v := d.get(p)) is not None and np.isfinite(v) else None)
+                                   for p in PRECISIONS} for n, d in sensitivity.items()}
+        return {p: rank_nodes(sensitivity, p) for p in ("w8a8", "w4a8")}  # unmeasured: graph order
 
     return measure
 

@@ -225,6 +225,91 @@ def _build_static(prepared_path: Path, ranges: dict, config: dict[str, Any], fal
         return onnx.load(str(raw))
 
 
+#: ops whose float weights ONNX Runtime's WeightBiasQuantization pass quantizes (int8 per tensor) at session
+#: creation when their input 0 comes from a DequantizeLinear, i.e. a "float" fallback between quantized nodes
+WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def keep_fallback_float(model: onnx.ModelProto, fallback_nodes) -> int:
+    """Feed each fallback Conv / ConvTranspose / Gemm the float tensor instead of its Q->DQ copy.
+
+    ORT's QDQ writer puts Q->DQ on a tensor its quantized producer writes, also in front of an excluded
+    consumer; ORT's default session optimisations then see DQ -> Conv(float weight) and quantize that
+    weight to int8 per tensor, so the node the search kept float would run quantized. Reading the float
+    tensor makes the fallback real (no input quantization either). Returns the number of nodes rewired.
+    """
+    fallback = set(fallback_nodes)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    changed = 0
+    for node in model.graph.node:
+        if node.name not in fallback or node.op_type not in WBQ_OPS:
+            continue
+        dq = producer.get(node.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        clip = _saturation(model, q)
+        if clip is None:
+            continue
+        lo, hi = clip
+        # ORT's writer removes a Relu / Clip whose output it quantizes (the Q's range saturates the same
+        # way), so the float tensor may lack that activation: a Clip to the Q's range restores it.
+        name = f"{node.name}_fallback_input"
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), f"{name}_min"),
+                                        numpy_helper.from_array(np.array(hi, np.float32), f"{name}_max")])
+        model.graph.node.append(onnx.helper.make_node("Clip", [q.input[0], f"{name}_min", f"{name}_max"], [name],
+                                                      name=f"{name}_clip"))
+        node.input[0] = name
+        changed += 1
+    if changed:  # drop Q / DQ nodes nobody reads any more
+        while True:
+            used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+            dead = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    and not any(o in used for o in n.output)]
+            if not dead:
+                break
+            for n in dead:
+                model.graph.node.remove(n)
+        used = {i for n in model.graph.node for i in n.input}
+        for t in [t for t in model.graph.initializer if t.name not in used]:  # their scales / zero points
+            model.graph.initializer.remove(t)
+        _topological_sort(model.graph)
+    return changed
+
+
+def _saturation(model: onnx.ModelProto, q: onnx.NodeProto) -> tuple[float, float] | None:
+    """The float range a per-tensor QuantizeLinear saturates to, or None if it is not per tensor."""
+    inits = {t.name: t for t in model.graph.initializer}
+    if len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
+        return None
+    scale, zp = numpy_helper.to_array(inits[q.input[1]]), numpy_helper.to_array(inits[q.input[2]])
+    if scale.size != 1 or zp.dtype.kind not in "iu" or zp.dtype.itemsize > 2:
+        return None
+    info = np.iinfo(zp.dtype)
+    s, z = float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+    return (info.min - z) * s, (info.max - z) * s
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so every input is produced before it is read (the inserted Clips were appended)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):  # a cycle or an outer-scope input: keep the remaining order
+            ordered.extend(rest)
+            break
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def build_qdq_model(
     prepared_path: Path,
     ranges: dict[str, tuple[float, float]],
@@ -253,6 +338,7 @@ def build_qdq_model(
                                   mixed.w4_nodes if mixed else ())
     else:
         model = _build_static(prepared_path, ranges, config, fallback_nodes, nodes_to_quantize, mixed, writer_options)
+        keep_fallback_float(model, fallback_nodes)
     if refine is not None:
         details = refine(model)
     elif config.get("weight_rounding") == "adaround" or config.get("bias_correction"):

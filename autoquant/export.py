@@ -36,7 +36,7 @@ from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from ._io import atomic_write, atomic_write_json
-from .build import OPSET_FOR_LOW_OR_WIDE_BITS, weight_channel_axes
+from .build import OPSET_FOR_LOW_OR_WIDE_BITS, keep_fallback_float, weight_channel_axes
 from .encodings import encodings_from_model
 from .errors import ConfigError, ModelError
 from .qtypes import ONNX_INT_TYPES, quant_type
@@ -492,6 +492,7 @@ def import_encodings(float_model_path: str | Path, encodings_path: str | Path, o
         if not more:
             break
         excluded |= more
+    keep_fallback_float(built, exclude)  # as in autoquant's own builds: excluded Conv / Gemm really float
     atomic_write(out_path, lambda p: onnx.save(built, p))
     _warn_differences(encodings_path, acts_in, params_in, built)
     return Path(out_path)

@@ -167,9 +167,15 @@ def test_import_round_trip_is_bit_exact(models, tmp_path, name, version):
     assert again == enc  # names, bw, is_sym, enc_type, offsets; then the scales' float32 bits:
     for kind in ("activation_encodings", "param_encodings"):
         assert [bits(e["scale"]) for e in again[kind]] == [bits(e["scale"]) for e in enc[kind]]
-    if name != "u8-away":  # ORT rounds ties to even: with its own rounding the whole model comes back
-        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        got = {t.name: numpy_helper.to_array(t) for t in imported.graph.initializer}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in imported.graph.initializer}
+    if name == "fallback":
+        # a fallback conv reads its float input through a Clip to the range its Q/DQ pair had; that range
+        # is not in the encodings (the pair is gone), so the import reads the float tensor unclipped
+        same = set(inits) & set(got)
+        assert set(inits) - same == {"conv2_fallback_input_min", "conv2_fallback_input_max"} and got.keys() <= inits.keys()
+        assert all(np.array_equal(inits[k], got[k]) for k in same)
+    elif name != "u8-away":  # ORT rounds ties to even: with its own rounding the whole model comes back
         assert inits.keys() == got.keys() and all(np.array_equal(inits[k], got[k]) for k in inits)
         assert [n.op_type for n in model.graph.node] == [n.op_type for n in imported.graph.node]
 

@@ -89,6 +89,25 @@ def test_fallback_keeps_nodes_float(prepared_demo, tmp_path, base_config):
     assert {"conv2.w", "fc1.w"} <= float_inits
 
 
+@pytest.mark.parametrize("fallback", [["conv2"], ["fc1"], ["conv2", "fc1"]])
+def test_fallback_stays_float_in_an_optimized_ort_session(prepared_demo, demo, tmp_path, base_config, fallback):
+    """ORT's default optimisations (WeightBiasQuantization) quantize the float weights of a Conv / Gemm
+    whose input comes from a DequantizeLinear: the fallback node must read a float tensor instead, and
+    the Relu that ORT's writer folded into the Q's range must survive (a Clip to that range)."""
+    build(prepared_demo, tmp_path, base_config, fallback_nodes=fallback)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    float_convs = [n for n in optimized.graph.node if n.op_type in ("Conv", "FusedConv", "Gemm", "FusedGemm")]
+    quantized = [n for n in optimized.graph.node if n.op_type in ("QLinearConv", "QGemm")]
+    assert len(float_convs) >= len(fallback) and len(quantized) <= 4 - len(fallback)
+    for n in optimized.graph.node:  # no weight quantized by the session for a fallback node
+        assert not any(f"{f}_weight_q" in o for f in fallback for o in n.output)
+    assert demo.evaluate(str(tmp_path / "q.onnx")) >= 0.94  # 0.80 when the folded Relu was lost
+
+
 def _ties_model(path):
     # symmetric int8 per-tensor: absmax 127 -> scale exactly 1.0, so every x.5 weight is a tie
     w = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0]], dtype=np.float32).T  # (8, 1)
