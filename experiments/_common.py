@@ -219,15 +219,14 @@ def space_without_sensitivity() -> dict:
     return {"knobs": knobs}
 
 
-def time_sensitivity_pass(out_dir: Path, stats_key: str, k: int) -> dict[str, Any] | None:
-    """What the default space's per-node sensitivity pass (autoquant.sensitivity.measure_sensitivity: every compute
-    node x each precision, one QDQ build + an ORT session + 4 calibration feeds each) would cost on the model of
-    ``optimize(output_dir=out_dir)``: k nodes per precision timed the same way. Returns the node and precision
-    counts, the seconds of each timed measurement and of its QDQ build, and the feed shapes; None when the cache
-    holds no prepared model or statistics."""
-    from autoquant.build import RangeCache, build_qdq_model
+def time_sensitivity_pass(out_dir: Path, stats_key: str, precisions: tuple[str, ...] = ("w8a8", "w4a8")
+                          ) -> dict[str, Any] | None:
+    """Time the default space's sensitivity pass (autoquant.sensitivity.measure_sensitivity, the precisions the
+    default space uses) on the model of ``optimize(output_dir=out_dir)``, into a fresh cache folder. Returns the
+    node count, the precisions, the seconds and the feed shapes; None when the cache holds no prepared model or
+    statistics."""
     from autoquant.model import compute_nodes
-    from autoquant.sensitivity import PRECISIONS, run_outputs, session as sens_session, sqnr_db
+    from autoquant.sensitivity import MAX_SAMPLES, measure_sensitivity
     from autoquant.stats import Statistics
 
     cache = out_dir / "cache"
@@ -237,25 +236,10 @@ def time_sensitivity_pass(out_dir: Path, stats_key: str, k: int) -> dict[str, An
     if not prepared or not stats_file.exists():
         return None
     st = Statistics.load(stats_file)
-    ranges = RangeCache(st)
     nodes = compute_nodes(onnx.load(str(prepared[0])))
-    samples = st.samples[:4]
-    reference = run_outputs(sens_session(prepared[0]), samples)
-    pick = [nodes[int(i)] for i in np.linspace(0, len(nodes) - 1, k)]
-    per: list[float] = []
-    build: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "single.onnx")
-        for cfg in PRECISIONS.values():
-            for node in pick:
-                t0 = time.perf_counter()
-                try:
-                    build_qdq_model(prepared[0], ranges.ranges(cfg), cfg, path, nodes_to_quantize=[node])
-                    t1 = time.perf_counter()
-                    sqnr_db(reference, run_outputs(sens_session(path), samples))
-                except Exception:
-                    t1 = time.perf_counter()
-                build.append(t1 - t0)
-                per.append(time.perf_counter() - t0)
-    return {"n_nodes": len(nodes), "n_precisions": len(PRECISIONS), "seconds": per, "build_seconds": build,
-            "feed_shapes": {name: list(v.shape) for name, v in samples[0].items()}}
+        t0 = time.perf_counter()
+        measure_sensitivity(prepared[0], st, nodes, Path(tmp), precisions=precisions)
+        seconds = time.perf_counter() - t0
+    return {"n_nodes": len(nodes), "precisions": list(precisions), "seconds": seconds,
+            "feed_shapes": {name: list(v.shape) for name, v in st.samples[0].items()}, "n_feeds": MAX_SAMPLES}
