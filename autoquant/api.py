@@ -542,8 +542,9 @@ def _latency_meter(fp32_path: Path, statistics: dict) -> LatencyMeter:
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
                 progress: bool, stop_when_feasible: bool = False) -> None:
     """Run until the study holds n_trials done trials (COMPLETE or PRUNED, whoever ran them: this process
-    or other workers), the timeout passes, this process saw too many trials fail, or — with
-    ``stop_when_feasible`` — a feasible trial exists."""
+    or other workers), the timeout passes (once a trial has completed: there must be a model to
+    deliver), this process saw too many trials fail, or — with ``stop_when_feasible`` — a feasible
+    trial exists."""
     from tqdm.auto import tqdm
 
     grace = GRACE_FACTOR * objective.heartbeat_interval
@@ -559,7 +560,9 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                     break
                 remaining_time = None if timeout is None else timeout - (time.perf_counter() - t_start)
                 if remaining_time is not None and remaining_time <= 0:
-                    break
+                    if count(study, TrialState.COMPLETE):
+                        break
+                    remaining_time = None  # nothing to deliver yet: the timeout stops the search after a first model
                 recover_stale_trials(study, objective.trial_dir, grace)
                 if done + count(study, TrialState.RUNNING) >= n_trials:
                     time.sleep(min(1.0, objective.heartbeat_interval))  # other workers hold the rest

@@ -539,11 +539,13 @@ def test_relative_drop_with_zero_baseline_is_a_config_error(task, out):
     assert_only_complete_files(out, CACHE_FILES)
 
 
-def test_timeout_too_short_for_any_trial_says_so(task, out):
-    """No trial ran at all: the error must name the timeout, not end in an empty list of reasons."""
-    exc = expect(NoCompletedTrialError, ("timeout",), **_kwargs(task, out, timeout=1e-6))
-    assert not str(exc).rstrip().endswith("Reasons:"), str(exc)
-    assert not any((out / n).exists() for n in DELIVERED)
+def test_timeout_spent_before_the_first_trial_still_delivers_one(task, out):
+    """Preparation, statistics and the fp32 eval can outlast the timeout: one trial still runs, so the
+    work is not lost and there is a model to deliver; no second trial starts."""
+    result = optimize(**_kwargs(task, out, timeout=1e-6, n_trials=5))
+    done = [t for t in result.study.trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    assert len(done) == 1 and result.trial_number == done[0].number
+    assert all((out / n).exists() for n in DELIVERED)
 
 
 # --------------------------------------------------------------------------------------------- reused study_name
