@@ -64,7 +64,10 @@ class Refiner:
         if self._layer_inputs is None:
             from .techniques.adaround import stack_inputs
 
-            nodes = [n for n in self.float_model.graph.node if n.op_type in LAYER_OPS and n.name]
+            weights = {t.name for t in self.float_model.graph.initializer}
+            # layers with a weight only: activation x activation MatMuls (attention) have nothing to round
+            nodes = [n for n in self.float_model.graph.node
+                     if n.op_type in LAYER_OPS and n.name and len(n.input) > 1 and n.input[1] in weights]
             tensors = sorted({n.input[0] for n in nodes})
             sess = augmented_session(self.float_model, tensors)
             outs: dict[str, list[np.ndarray]] = {t: [] for t in tensors}

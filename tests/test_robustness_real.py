@@ -207,6 +207,38 @@ def test_optimize_with_adaround_on_feeds_of_different_widths(tmp_path):
     assert details["adaround_layers"] == 2 and details["bias_corrected_layers"] == 2
 
 
+def _attention_model(dim: int = 16) -> onnx.ModelProto:
+    """x [1, T, D] -> q = x Wq; scores = q x^T [1, T, T]; softmax; (probs x) Wo: activation x activation
+    MatMuls whose last axis is the sequence length, as in every Transformer."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (dim, dim)).astype(np.float32), n) for n in ("wq", "wo")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="proj_q"),
+             helper.make_node("Transpose", ["x"], ["xt"], name="xt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "xt"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "x"], ["ctx"], name="context"),
+             helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="proj_o")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", dim])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("mode", ["static", "weight_only"])
+def test_adaround_skips_activation_matmuls_on_sequences_of_different_lengths(tmp_path, mode):
+    """The MiniLM failure: the probs x V MatMul's input ends in the sequence length, so its feeds cannot
+    be joined; it has no weight to round and must simply be left out."""
+    model = _attention_model()
+    feeds = _varying_feeds(lambda t: (1, t, 16), (25, 27, 30, 26))
+    r = optimize(model, feeds, _mse_eval(model, feeds), allowed_accuracy_drop=1.0, higher_is_better=False,
+                 search_space={"knobs": {"mode": mode, "weight_rounding": "adaround", "fallback_k": 0,
+                                         "bias_correction": mode == "static"}},
+                 n_trials=1, output_dir=tmp_path / "out", show_progress=False, measure_latency=False)
+    assert [t.state.name for t in r.study.trials] == ["COMPLETE"]
+    assert r.study.trials[0].user_attrs["details"]["adaround_layers"] == 2  # proj_q and proj_o
+
+
 def test_layer_matrix_on_conv_feeds_of_different_widths():
     """Unfolding each feed on its own reproduces ONNX Runtime's Conv output per feed (all rows), and
     row sampling draws over all feeds together."""

@@ -381,7 +381,9 @@ def collect_layer_inputs(float_model: onnx.ModelProto, samples: list[dict[str, n
     ``nodes``), keyed by node name."""
     from .bias_correction import tensor_values
 
-    wanted = [n for n in float_model.graph.node if n.op_type in LAYER_OPS and (nodes is None or n.name in nodes)]
+    weights = {t.name for t in float_model.graph.initializer}
+    wanted = [n for n in float_model.graph.node if n.op_type in LAYER_OPS and (nodes is None or n.name in nodes)
+              and len(n.input) > 1 and n.input[1] in weights]  # activation x activation MatMuls have no weight
     values = tensor_values(float_model, sorted({n.input[0] for n in wanted}), samples)
     return {n.name: stack_inputs(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
                                  values[n.input[0]]) for n in wanted}
