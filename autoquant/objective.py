@@ -241,8 +241,8 @@ class Objective:
         return dict(info.refinements)
 
     def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], float | None]]:
-        """Build each starting point and score its output SQNR (no user eval). Order: fully quantized
-        points first, then those keeping nodes float / 16-bit (the rescue when the cheap ones fail), each
+        """Build each starting point and score its output SQNR (no user eval). Order: fully static-quantized
+        points first, then the rescue points (nodes float / 16-bit, dynamic quantization), each
         group highest SQNR first, so the first full evals go to the cheap configs most likely to be
         feasible. Built files are kept for the trials that run these configs. Points that fail to build
         go last (their trial records the failure)."""
@@ -254,8 +254,10 @@ class Objective:
         for i, (label, params) in enumerate(points):
             config = self.space.suggest(optuna.trial.FixedTrial(params), self.n_compute_nodes)
             src = self.sources[variant_of(config)]
+            # rescue points: float / 16-bit nodes, or dynamic quantization (slower than static QDQ on ORT
+            # CPU for convolutions, but what Transformers with input-dependent ranges need)
             heavy = bool(config.get("fallback_k") or config.get("a16_k") or config.get("activation_bits", 8) > 8
-                         or config.get("weight_bits", 8) > 8)
+                         or config.get("weight_bits", 8) > 8 or config.get("mode") == "dynamic")
             try:
                 fallback, mixed = self._plan(config, src)
                 path = screen_dir / f"point-{i}.onnx"

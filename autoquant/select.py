@@ -20,20 +20,25 @@ def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
 
 
 #: a trial counts as faster than fp32 when its interleaved latency ratio is at most this (a margin
-#: against timing noise: a nearly-float model measuring 0.98 is not "faster")
+#: against timing noise: a nearly-float model measuring 0.98 is not "faster") ...
 FASTER_THAN_FP32 = 0.95
+#: ... and it does at most this fraction of fp32's bit operations: a mostly-float model (most nodes
+#: kept float) runs at fp32 speed, and on a loaded machine noise alone can time it at 0.92
+MOSTLY_QUANTIZED = 0.5
 
 
 def faster_than_fp32(t: FrozenTrial) -> bool:
-    ratio = t.user_attrs.get("details", {}).get("latency_ratio")
-    return ratio is not None and float(ratio) <= FASTER_THAN_FP32
+    d = t.user_attrs.get("details", {})
+    ratio, bops = d.get("latency_ratio"), d.get("bops_ratio")
+    return (ratio is not None and float(ratio) <= FASTER_THAN_FP32
+            and (bops is None or float(bops) <= MOSTLY_QUANTIZED))
 
 
 def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool) -> list[FrozenTrial]:
     """Best first: feasible trials by ``select``; if none is feasible, the most accurate first.
 
     "smallest" (the default) ranks by file size, but first among the feasible trials measured faster
-    than fp32 (latency ratio <= FASTER_THAN_FP32) when there is any: a small model slower than float
+    than fp32 (latency ratio <= FASTER_THAN_FP32, bit operations <= MOSTLY_QUANTIZED of fp32's) when there is any: a small model slower than float
     (e.g. 16-bit activations on ORT CPU) is delivered only when no feasible model runs faster. The
     ratio is measured interleaved with fp32 (cost.LatencyMeter), so load hits both alike.
     """

@@ -73,6 +73,8 @@ STARTING_POINTS: list[tuple[str, dict[str, Any]]] = [
      {"weight_granularity": "per_channel", "calibration": "percentile", "percentile": 99.99}),
     ("sensitivity-guided: the 2 most sensitive nodes in float", {"weight_granularity": "per_channel", "fallback_k": 2}),
     ("cross-layer equalization, per-channel", {"weight_granularity": "per_channel", "cle": True}),
+    ("onnxruntime dynamic quantization (Transformer / LSTM style): per-channel int8 weights",
+     {"mode": "dynamic", "weight_granularity": "per_channel"}),
 ]
 TOP_LEVEL_KEYS = {"name", "description", "knobs", "target"}
 #: what a target preset's `target:` section may set: ORT quantizer options for how the QDQ model is

@@ -63,7 +63,8 @@ def test_latency_and_bops_recorded_for_every_trial(result):
             assert d["latency_ms"] > 0 and d["latency_ratio"] > 0
             cfg = t.user_attrs["config"]
             if not (d["float_nodes"] or d["a16_nodes"] or d["w4_nodes"]):  # all MACs at the config bit widths
-                assert d["bops_ratio"] == pytest.approx(cfg["weight_bits"] * cfg["activation_bits"] / 1024)
+                act_bits = 32 if cfg["mode"] == "weight_only" else cfg["activation_bits"]  # float activations
+                assert d["bops_ratio"] == pytest.approx(cfg["weight_bits"] * act_bits / 1024)
     assert result.latency_ratio is not None and "latency" in result.summary()
     assert {"latency_ms", "latency_ratio", "bops_ratio"} <= set(result.report().columns)
 

@@ -42,15 +42,17 @@ def test_sensitivity_ranks_a_broken_node_first(demo, tmp_path):
 
 
 def test_starting_points_run_first(demo, tmp_path):
-    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=6, output_dir=tmp_path / "o")
-    first = r.study.trials[:5]
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=7, output_dir=tmp_path / "o")
+    first = r.study.trials[:6]
     labels = [t.user_attrs.get("enqueued") for t in first]
     assert all(labels) and any(lab.startswith("onnxruntime defaults") for lab in labels)
     trt = next(t for t in first if t.user_attrs["enqueued"].startswith("tensorrt-style"))
     assert trt.params["calibration"] == "entropy" and trt.params["weight_granularity"] == "per_channel"
     # screened before any eval: highest output SQNR first, and each trial reuses its screened build
-    # fully quantized points first, then those keeping nodes float; each group highest SQNR first
-    heavy = [bool(t.user_attrs["config"]["fallback_k"]) for t in first]
+    # fully static-quantized points first, then the rescue points (float nodes, dynamic quantization);
+    # each group highest SQNR first
+    assert any(t.user_attrs["config"]["mode"] == "dynamic" for t in first)
+    heavy = [bool(t.user_attrs["config"]["fallback_k"]) or t.user_attrs["config"]["mode"] == "dynamic" for t in first]
     assert heavy == sorted(heavy)
     for group in (False, True):
         screened = [t.user_attrs["screen_sqnr_db"] for t, h in zip(first, heavy) if h == group]
