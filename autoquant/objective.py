@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import optuna
 import onnxruntime as ort
 from optuna.trial import TrialState
@@ -241,8 +242,9 @@ class Objective:
         return dict(info.refinements)
 
     def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], float | None]]:
-        """Build each starting point and score its output SQNR (no user eval). Order: fully static-quantized
-        points first, then the rescue points (nodes float / 16-bit, dynamic quantization), each
+        """Build each starting point and score its output SQNR (no user eval). Order: fully quantized
+        points first, then the rescue points (nodes float / 16-bit; dynamic quantization of a model with
+        convolutions), each
         group highest SQNR first, so the first full evals go to the cheap configs most likely to be
         feasible. Built files are kept for the trials that run these configs. Points that fail to build
         go last (their trial records the failure)."""
@@ -254,10 +256,12 @@ class Objective:
         for i, (label, params) in enumerate(points):
             config = self.space.suggest(optuna.trial.FixedTrial(params), self.n_compute_nodes)
             src = self.sources[variant_of(config)]
-            # rescue points: float / 16-bit nodes, or dynamic quantization (slower than static QDQ on ORT
-            # CPU for convolutions, but what Transformers with input-dependent ranges need)
+            # rescue points: float / 16-bit nodes, and dynamic quantization where the model has convolutions
+            # (ORT CPU runs ConvInteger slower than static QDQ); for MatMul models (Transformers, whose
+            # ranges depend on the input) dynamic is a first-class point, ordered by its SQNR
             heavy = bool(config.get("fallback_k") or config.get("a16_k") or config.get("activation_bits", 8) > 8
-                         or config.get("weight_bits", 8) > 8 or config.get("mode") == "dynamic")
+                         or config.get("weight_bits", 8) > 8
+                         or (config.get("mode") == "dynamic" and self._has_conv(src)))
             try:
                 fallback, mixed = self._plan(config, src)
                 path = screen_dir / f"point-{i}.onnx"
@@ -320,6 +324,11 @@ class Objective:
             ms, ratio = self.latency.measure(path)
             out.update(latency_ms=ms, latency_ratio=ratio)
         return out
+
+    @staticmethod
+    def _has_conv(src: Source) -> bool:
+        model = onnx.load(str(src.path), load_external_data=False)
+        return any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
 
     @staticmethod
     def _same_config_trial(trial: optuna.Trial, config: dict):

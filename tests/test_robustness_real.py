@@ -374,3 +374,18 @@ def test_stage_lock_excludes_other_processes_and_is_removed(tmp_path, private_tm
     lines = log.read_text().split()
     assert lines == ["enter", "exit"] * 45  # strictly alternating: one holder at a time
     assert list(private_tmp.glob("autoquant-*")) == []
+
+
+def test_dynamic_starting_point_ranks_by_sqnr_on_a_matmul_model(tmp_path):
+    """No convolution: dynamic quantization is a first-class starting point, ordered by its SQNR among
+    the fully quantized ones (on a CNN it waits with the rescue points)."""
+    model = _attention_model()
+    feeds = _varying_feeds(lambda t: (1, t, 16), (12, 9, 15, 11))
+    r = optimize(model, feeds, _mse_eval(model, feeds), allowed_accuracy_drop=1.0, higher_is_better=False,
+                 n_trials=8, output_dir=tmp_path / "out", show_progress=False, measure_latency=False)
+    enqueued = [t for t in r.study.trials if "enqueued" in t.user_attrs]
+    first_group = [t for t in enqueued if not t.user_attrs["config"]["fallback_k"]]
+    assert enqueued[:len(first_group)] == first_group  # the float-fallback rescue point comes last
+    assert any(t.user_attrs["config"]["mode"] == "dynamic" for t in first_group)
+    sqnr = [t.user_attrs["screen_sqnr_db"] for t in first_group]
+    assert sqnr == sorted(sqnr, reverse=True)
