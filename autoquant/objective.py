@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -251,6 +252,8 @@ class Objective:
         if self.pruner is None:
             return [(label, params, None) for label, params in points]
         scored = []
+        has_conv = functools.cache(lambda path: any(n.op_type in ("Conv", "ConvTranspose") for n in
+                                                    onnx.load(str(path), load_external_data=False).graph.node))
         screen_dir = self.trial_dir / "screen"
         screen_dir.mkdir(parents=True, exist_ok=True)
         for i, (label, params) in enumerate(points):
@@ -261,7 +264,7 @@ class Objective:
             # ranges depend on the input) dynamic is a first-class point, ordered by its SQNR
             heavy = bool(config.get("fallback_k") or config.get("a16_k") or config.get("activation_bits", 8) > 8
                          or config.get("weight_bits", 8) > 8
-                         or (config.get("mode") == "dynamic" and self._has_conv(src)))
+                         or (config.get("mode") == "dynamic" and has_conv(src.path)))
             try:
                 fallback, mixed = self._plan(config, src)
                 path = screen_dir / f"point-{i}.onnx"
@@ -324,11 +327,6 @@ class Objective:
             ms, ratio = self.latency.measure(path)
             out.update(latency_ms=ms, latency_ratio=ratio)
         return out
-
-    @staticmethod
-    def _has_conv(src: Source) -> bool:
-        model = onnx.load(str(src.path), load_external_data=False)
-        return any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
 
     @staticmethod
     def _same_config_trial(trial: optuna.Trial, config: dict):
