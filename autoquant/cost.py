@@ -102,7 +102,6 @@ class LatencyMeter:
                  pairs: int = LATENCY_REPEATS, budget_s: float = LATENCY_BUDGET_S):
         self.feed, self.threads, self.pairs, self.budget_s = feed, threads, pairs, budget_s
         self._fp32 = _session(fp32_path, threads)
-        self.fp32_ms = measure_latency_ms(fp32_path, feed, threads)
 
     def measure(self, path: str | Path) -> tuple[float, float]:
         """(median latency in ms, median latency ratio vs fp32) of the model at ``path``."""

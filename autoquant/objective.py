@@ -245,9 +245,8 @@ class Objective:
     def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], float | None]]:
         """Build each starting point and score its output SQNR (no user eval). Order: fully quantized
         points first, then the rescue points (nodes float / 16-bit; dynamic quantization of a model with
-        convolutions), each
-        group highest SQNR first, so the first full evals go to the cheap configs most likely to be
-        feasible. Built files are kept for the trials that run these configs. Points that fail to build
+        convolutions), each group highest SQNR first, so the first full evals go to the cheap configs most
+        likely to be feasible. Built files are kept for the trials that run these configs. Points that fail to build
         go last (their trial records the failure)."""
         if self.pruner is None:
             return [(label, params, None) for label, params in points]

@@ -4,8 +4,8 @@ Fidelity 1, always: output SQNR of the trial model vs fp32 on a few cached calib
 code). A trial is pruned when its SQNR is clearly below (``margin_db``) that of a trial already
 evaluated and found infeasible, and no trial at a similar or lower SQNR was feasible: accuracy falls
 with output noise, so it cannot do better. It is also pruned when a feasible trial has a clearly higher
-SQNR and costs no more (size, or the chosen objective): it could not join the Pareto front. Fidelity 2, when the user gives ``eval_subset_callback``:
-the drop on that subset; pruned when it exceeds the allowed drop by more than the allowance again.
+SQNR and costs no more (size, or the chosen objective): it could not join the Pareto front.
+Fidelity 2, when the user gives ``eval_subset_callback``: the drop on that subset; pruned when it exceeds the allowed drop by more than the allowance again.
 Pruned trials are recorded as PRUNED with the reason, through Optuna's pruning interface.
 """
 

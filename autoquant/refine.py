@@ -19,9 +19,8 @@ from onnx import numpy_helper
 
 from ._io import atomic_write
 from .build import apply_weight_rounding
-from .stats import Feed, augmented_session
+from .stats import Feed
 
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
 ADAROUND_FEEDS = 4  # calibration feeds whose layer inputs AdaRound reconstructs (rows are subsampled)
 
 
@@ -62,22 +61,9 @@ class Refiner:
         """Float input activation of every Conv/Gemm/MatMul node on the first calibration feeds, joined
         per node by ``stack_inputs`` (feeds may differ in shape: sequence lengths, image widths)."""
         if self._layer_inputs is None:
-            from .techniques.adaround import stack_inputs
+            from .techniques.adaround import collect_layer_inputs
 
-            weights = {t.name for t in self.float_model.graph.initializer}
-            # layers with a weight only: activation x activation MatMuls (attention) have nothing to round
-            nodes = [n for n in self.float_model.graph.node
-                     if n.op_type in LAYER_OPS and n.name and len(n.input) > 1 and n.input[1] in weights]
-            tensors = sorted({n.input[0] for n in nodes})
-            sess = augmented_session(self.float_model, tensors)
-            outs: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-            for feed in self.samples[:ADAROUND_FEEDS]:
-                for t, v in zip(tensors, sess.run(tensors, feed)):
-                    outs[t].append(v)
-            self._layer_inputs = {
-                n.name: stack_inputs(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
-                                     outs[n.input[0]])
-                for n in nodes}
+            self._layer_inputs = collect_layer_inputs(self.float_model, self.samples[:ADAROUND_FEEDS])
         return self._layer_inputs
 
     def _cache(self) -> dict[str, np.ndarray]:
