@@ -168,7 +168,8 @@ class Objective:
                                                 f"{twin.user_attrs.get('prune_reason', '')}")
             raise optuna.TrialPruned()
         if twin is not None:  # same config already scored: its file and score are this trial's
-            details = {**twin.user_attrs[DETAILS], "reused_from": twin.number, "eval_seconds": 0.0}
+            twin_details = twin.user_attrs[DETAILS]  # reuse chains point at the trial that was evaluated
+            details = {**twin_details, "reused_from": twin_details.get("reused_from", twin.number), "eval_seconds": 0.0}
             trial.set_user_attr("high_precision_fraction", twin.user_attrs.get("high_precision_fraction"))
             return self._finish(trial, float(twin.user_attrs["accuracy"]), int(twin.user_attrs["size_bytes"]),
                                 details, t0, 0.0)

@@ -79,6 +79,7 @@ def test_same_config_is_not_rebuilt_or_reevaluated(demo, tmp_path):
     for t in reused:
         src = r.study.trials[t.user_attrs["details"]["reused_from"]]
         assert src.user_attrs["config"] == t.user_attrs["config"] and src.values == t.values
+        assert "reused_from" not in src.user_attrs["details"]  # never a chain: the evaluated trial
 
 
 def test_known_baseline_skips_the_fp32_eval(demo, tmp_path):
