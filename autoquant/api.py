@@ -35,6 +35,7 @@ from .model import PreparedModel, compute_nodes, ensure_node_names, float_activa
 from . import variants
 from .launch import calibration_ref, callable_ref
 from .cost import LatencyMeter, macs_per_node
+from .repair import repair_point
 from .objective import (DETAILS, DONE_STATES, OBJECTIVES, BudgetReached, Objective, Scoring, Source,
                         check_metric)
 from .prune import Pruner
@@ -332,6 +333,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
               eval_subset_callback, stop_when_feasible, max_high_precision_fraction, target,
               baseline_accuracy=None) -> OptimizeResult:
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
                 select, output_dir, study_name, heartbeat_interval, eval_timeout, objective, measure_latency)
     _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high_precision_fraction)
@@ -348,7 +350,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
     cache_dir = out / "cache"
 
-    with _stage_lock(out):  # workers starting together: the first prepares and collects, the others load
+    with _stage_lock(out), _timed(timings, "preparation_and_statistics"):  # workers starting together: the
+        # first prepares and collects, the others load
         models, statistics = _stage_inputs(proto, model_sha, calibration_data, space, cache_dir, show_progress)
     prepared = models[variants.BASE]
     fp32_path = Path(model) if not isinstance(model, onnx.ModelProto) else cache_dir / f"fp32-{model_sha[:16]}.onnx"
@@ -373,21 +376,22 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               f"{attrs['baseline_accuracy']}; pass the same value, or another study_name / output_dir")
         eval_calls = 0
         if not STUDY_ATTRS <= set(attrs):  # new study, or one whose record a kill interrupted
-            _record_study(study, eval_callback, fp32_path, drop_type, baseline_accuracy, {
-                "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
-                "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
-                "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
-                "stats_key": statistics[variants.BASE].key,
-                "prepared_model": str(prepared.path), "preparation": _preparation_record(models, statistics),
-                "seed": int(seed),
-                "launch": {  # what `autoquant worker` needs to join this study
-                    "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
-                    "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
-                    "n_trials": int(n_trials), "select": select, "heartbeat_interval": float(heartbeat_interval),
-                    "eval_timeout": eval_timeout, "objective": objective, "measure_latency": measure_latency,
-                    "prune": prune, "max_high_precision_fraction": max_high_precision_fraction,
-                },
-            })
+            with _timed(timings, "fp32_eval"):
+                _record_study(study, eval_callback, fp32_path, drop_type, baseline_accuracy, {
+                    "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
+                    "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
+                    "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
+                    "stats_key": statistics[variants.BASE].key,
+                    "prepared_model": str(prepared.path), "preparation": _preparation_record(models, statistics),
+                    "seed": int(seed),
+                    "launch": {  # what `autoquant worker` needs to join this study
+                        "model_path": str(fp32_path.resolve()), "output_dir": str(out.resolve()),
+                        "calibration_ref": calibration_ref(calibration_data), "eval_ref": callable_ref(eval_callback),
+                        "n_trials": int(n_trials), "select": select, "heartbeat_interval": float(heartbeat_interval),
+                        "eval_timeout": eval_timeout, "objective": objective, "measure_latency": measure_latency,
+                        "prune": prune, "max_high_precision_fraction": max_high_precision_fraction,
+                    },
+                })
             eval_calls += baseline_accuracy is None
         baseline = float(study.user_attrs["baseline_accuracy"])
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
@@ -395,8 +399,10 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
 
         sources = _sources(models, statistics, cache_dir, _sensitivity_precisions(space))
         default = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE
-        if _uses_sensitivity(space):
-            _record_sensitivity(study, sources[default])
+        if "w8a8" in _sensitivity_precisions(space):  # fallback / 16-bit ranking: the starting points need it
+            with _timed(timings, "sensitivity"):
+                sources[default].ranking("w8a8")
+                _record_sensitivity(study, sources[default])
         recover_stale_trials(study, out / "trials", GRACE_FACTOR * heartbeat_interval)
 
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
@@ -408,12 +414,13 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
                               eval_timeout=eval_timeout, objective=objective,
                               latency=_latency_meter(fp32_path, statistics) if measure_latency else None)
-        with _stage_lock(out):  # workers starting together: one screens and enqueues
+        with _stage_lock(out), _timed(timings, "screening"):  # workers starting together: one screens, enqueues
             if not study.get_trials(deepcopy=False):  # a new study: its baselines first, most promising first
                 for label, params, sqnr in objective.screen(space.starting_points())[: int(n_trials)]:
                     study.enqueue_trial(params, user_attrs={"enqueued": label, "screen_sqnr_db": sqnr})
         try:
-            _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
+            with _timed(timings, "trials"):
+                _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
         finally:
             shutil.rmtree(objective.trial_dir / "screen", ignore_errors=True)  # screened builds no trial used
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
@@ -422,12 +429,28 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                 f"sensitivity, the fp32 evaluation and screening the starting points took "
                 f"{time.perf_counter() - t_start:.1f} s); raise timeout"
             )
+        _record_sensitivity(study, sources[default])  # with the rankings the trials measured (w4a8)
         result = _deliver(study, out, select, higher_is_better, scoring)
+        if measure_latency:  # "as configured": ORT's default session threading, for the delivered model
+            result.latency_ratio_default_threads = LatencyMeter(fp32_path, statistics[variants.BASE].samples[0],
+                                                                threads=0).measure(result.model_path)[1]
         result.eval_calls = eval_calls + objective.eval_calls
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
         return result
     finally:
         if user_storage is None:  # our SQLite: close it so its WAL is checkpointed into study.db
             storage_obj.engine.dispose()
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    """Add the wall seconds of the block to ``timings[stage]`` (OptimizeResult.timings)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
 def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type: str, given: float | None,
@@ -467,11 +490,6 @@ def _preparation_record(models: dict[str, PreparedModel], statistics: dict) -> d
     return record
 
 
-def _uses_sensitivity(space: SearchSpace) -> bool:
-    """Whether the space has a knob placing nodes by sensitivity (fallback, 16-bit, 4-bit)."""
-    return bool(_sensitivity_precisions(space))
-
-
 def _sensitivity_precisions(space: SearchSpace) -> tuple[str, ...]:
     """The precisions the space's knobs rank nodes at: w8a8 orders fallback_k and a16_k, w4a8 orders
     w4_fraction (autoquant.objective). Only these are measured."""
@@ -483,10 +501,15 @@ def _sensitivity_precisions(space: SearchSpace) -> tuple[str, ...]:
 
 
 def _record_sensitivity(study: optuna.Study, source: Source) -> None:
-    """Measure the default variant's sensitivity now and record it in the study (result.sensitivity())."""
-    source.ranking()
-    if "sensitivity" not in study.user_attrs:
-        study.set_user_attr("sensitivity", source.measure_ranking.sensitivity)
+    """Record in the study (result.sensitivity()) what the default variant measured so far, merged with
+    what earlier runs and other workers recorded."""
+    measured = getattr(source.measure_ranking, "sensitivity", {})
+    if not measured:
+        return
+    old = study.user_attrs.get("sensitivity", {})
+    merged = {n: {p: (v if v is not None else old.get(n, {}).get(p)) for p, v in d.items()} for n, d in measured.items()}
+    if merged != old:
+        study.set_user_attr("sensitivity", merged)
 
 
 def _pruner(study: optuna.Study, prepared: PreparedModel, statistics: dict, scoring: Scoring,
@@ -522,14 +545,23 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
 
 
 def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisions: tuple[str, ...]):
-    def measure() -> dict[str, list[str]]:
-        sensitivity = measure_sensitivity(model.path, statistics, compute_nodes(model.load()), cache_dir,
-                                          precisions=precisions)
-        # every precision keeps its column in result.sensitivity(): None where not measured (or inf)
-        measure.sensitivity = {n: {p: (v if (v := d.get(p)) is not None and np.isfinite(v) else None)
-                                   for p in PRECISIONS} for n, d in sensitivity.items()}
-        return {p: rank_nodes(sensitivity, p) for p in ("w8a8", "w4a8")}  # unmeasured: graph order
+    """The ranking function of a Source: measures one precision on first call (``precisions`` lists the
+    ones the space may ask for) and keeps every SQNR so far in ``measure.sensitivity``."""
+    table = {}
 
+    def measure(precision: str) -> list[str]:
+        if precision not in precisions:
+            raise AssertionError(f"precision {precision} not in the space's {precisions}")
+        got = measure_sensitivity(model.path, statistics, compute_nodes(model.load()), cache_dir,
+                                  precisions=(precision,))
+        for n, d in got.items():  # every precision keeps its column in result.sensitivity(): None if not measured
+            row = table.setdefault(n, dict.fromkeys(PRECISIONS))
+            v = d.get(precision)
+            row[precision] = v if v is not None and np.isfinite(v) else None
+        measure.sensitivity = table
+        return rank_nodes(got, precision)
+
+    measure.sensitivity = table
     return measure
 
 
@@ -548,6 +580,9 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
     from tqdm.auto import tqdm
 
     grace = GRACE_FACTOR * objective.heartbeat_interval
+    if timeout is not None:  # a slow build (AdaRound) gives up at the timeout once there is a model to deliver
+        objective.should_stop = lambda: (time.perf_counter() - t_start > timeout
+                                         and count(study, TrialState.COMPLETE) > 0)
     failures_allowed = max(3, n_trials)  # a callback that always fails must not loop forever
     done = count(study, *DONE_STATES)
     verbosity = optuna.logging.get_verbosity()
@@ -564,6 +599,7 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                         break
                     remaining_time = None  # nothing to deliver yet: the timeout stops the search after a first model
                 recover_stale_trials(study, objective.trial_dir, grace)
+                _enqueue_repair(study, objective)
                 if done + count(study, TrialState.RUNNING) >= n_trials:
                     time.sleep(min(1.0, objective.heartbeat_interval))  # other workers hold the rest
                 else:
@@ -573,6 +609,20 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                 done = now
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _enqueue_repair(study: optuna.Study, objective: Objective) -> None:
+    """Once the queue is empty and nothing is feasible: enqueue the repair of the most accurate trial
+    (autoquant.repair). Under the stage lock, so concurrent workers enqueue it once."""
+    if count(study, TrialState.WAITING):
+        return
+    with _stage_lock(objective.output_dir):
+        if count(study, TrialState.WAITING):
+            return
+        point = repair_point(study, objective)
+        if point is not None:
+            label, params, attrs = point
+            study.enqueue_trial(params, user_attrs={"enqueued": label, **attrs})
 
 
 def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool, scoring: Scoring) -> OptimizeResult:

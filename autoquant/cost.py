@@ -96,7 +96,8 @@ def measure_latency_ms(path: str | Path, feed: dict[str, np.ndarray], threads: i
 class LatencyMeter:
     """A trial model's ORT CPU latency and its ratio to fp32, measured interleaved: fp32 run, trial run,
     fp32 run, ... The ratio is the median of per-pair ratios, so load that changes during a measurement
-    (other processes, other workers) hits both models alike. The fp32 session is created once."""
+    (other processes, other workers) hits both models alike. The fp32 session is created once.
+    ``threads``: ORT intra-op threads (0 = ORT's default, all cores)."""
 
     def __init__(self, fp32_path: str | Path, feed: dict[str, np.ndarray], threads: int = 1,
                  pairs: int = LATENCY_REPEATS, budget_s: float = LATENCY_BUDGET_S):

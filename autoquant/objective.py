@@ -9,7 +9,7 @@ import numbers
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from .prune import Pruner
 from .cost import LatencyMeter, bops
 from .errors import TrialFailed
 from .refine import Refiner
+from .techniques.adaround import Interrupted
 from .space import SearchSpace
 from .variants import variant_of
 from .study import OWNER_ATTR, Heartbeat, owner_id, trial_file_name
@@ -94,13 +95,15 @@ class Source:
     nodes: frozenset[str]
     macs: dict[str, int]  # per Conv/Gemm/MatMul node, for bit operations
     always_float: tuple[str, ...]  # nodes never quantized in this variant (unfolded BatchNorm)
-    measure_ranking: Callable[[], dict[str, list[str]]]  # sensitivity ranking, measured on first need
-    _ranking: dict[str, list[str]] | None = None
+    measure_ranking: Callable[[str], list[str]]  # nodes most sensitive first at a precision (w8a8, w4a8)
+    _rankings: dict[str, list[str]] = field(default_factory=dict)
 
-    def ranking(self) -> dict[str, list[str]]:
-        if self._ranking is None:
-            self._ranking = self.measure_ranking()
-        return self._ranking
+    def ranking(self, precision: str) -> list[str]:
+        """Sensitivity ranking at ``precision``, measured on first need (a search that never places
+        4-bit weights never pays for the w4a8 pass)."""
+        if precision not in self._rankings:
+            self._rankings[precision] = self.measure_ranking(precision)
+        return self._rankings[precision]
 
 
 #: states that count towards n_trials: a verdict was reached (scored, or pruned as hopeless)
@@ -133,6 +136,8 @@ class Objective:
         self.eval_calls = 0
         self.failures = 0
         self._screened: dict[str, tuple[Path, dict, float]] = {}  # config json -> (built file, refinements, SQNR)
+        #: set by the search loop when a timeout applies: True once a running trial should give up
+        self.should_stop: Callable[[], bool] | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr(OWNER_ATTR, owner_id())
@@ -231,8 +236,11 @@ class Objective:
         """Build the QDQ model at ``path`` and check that ORT loads it; returns the refinements applied."""
         try:
             info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, [*fallback, *src.always_float],
-                                   refine=lambda model: src.refiner.apply(model, config), mixed=mixed,
-                                   writer_options=self.space.target.get("extra_options"))
+                                   refine=lambda model: src.refiner.apply(model, config, self.should_stop),
+                                   mixed=mixed, writer_options=self.space.target.get("extra_options"))
+        except Interrupted as exc:
+            raise TrialFailed(f"timeout reached while building: {exc}; the finished AdaRound layers are cached "
+                              f"for a later run") from None
         except Exception as exc:
             raise TrialFailed(f"building the QDQ model failed: {type(exc).__name__}: {exc}") from None
         try:
@@ -265,29 +273,45 @@ class Objective:
             heavy = bool(config.get("fallback_k") or config.get("a16_k") or config.get("activation_bits", 8) > 8
                          or config.get("weight_bits", 8) > 8
                          or (config.get("mode") == "dynamic" and has_conv(src.path)))
-            try:
-                fallback, mixed = self._plan(config, src)
-                path = screen_dir / f"point-{i}.onnx"
-                refinements = self._build(config, src, fallback, mixed, path)
-                sqnr = self.pruner.sqnr(path)
-                self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr)
-            except TrialFailed:
-                sqnr = None
+            sqnr = self.screen_config(config, screen_dir / f"point-{i}.onnx")
             scored.append((heavy, label, params, sqnr))
         scored.sort(key=lambda p: (p[3] is None, p[0], -p[3] if p[3] is not None else 0.0))
         return [(label, params, sqnr) for _, label, params, sqnr in scored]
+
+    def screen_config(self, config: dict, path: Path) -> float | None:
+        """Build ``config`` at ``path`` and return its output SQNR (None when it does not build). The file
+        is kept for a trial that runs this config (see _run)."""
+        src = self.sources[variant_of(config)]
+        try:
+            fallback, mixed = self._plan(config, src)
+            refinements = self._build(config, src, fallback, mixed, path)
+        except TrialFailed:
+            path.unlink(missing_ok=True)
+            return None
+        sqnr = self.pruner.sqnr(path)
+        self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr)
+        return sqnr
+
+    def forget_screened(self, config: dict) -> None:
+        """Drop a screened build no trial will run."""
+        info = self._screened.pop(json.dumps(config, sort_keys=True), None)
+        if info is not None:
+            info[0].unlink(missing_ok=True)
 
     def _plan(self, config: dict, src: Source) -> tuple[list[str], MixedPrecision]:
         """Sensitivity-ranked per-node precision: the fallback_k most sensitive nodes float, the next
         a16_k with 16-bit activations, the least sensitive w4_fraction of weighted nodes at 4 bits."""
         if not (config["fallback_k"] or config.get("a16_k") or config.get("w4_fraction")):
             return [], MixedPrecision()
-        ranking = src.ranking()  # measured on this variant: folding BN / CLE change what is sensitive
-        order = [n for n in ranking["w8a8"] if n not in src.always_float]
-        fallback = order[: config["fallback_k"]]
-        a16 = order[config["fallback_k"]: config["fallback_k"] + config.get("a16_k", 0)]
-        weighted = [n for n in reversed(ranking["w4a8"]) if n in src.macs and n not in fallback]
-        w4 = weighted[: int(config.get("w4_fraction", 0.0) * len(weighted))]
+        # rankings are measured on this variant: folding BN / CLE change what is sensitive
+        fallback, a16, w4 = [], [], []
+        if config["fallback_k"] or config.get("a16_k"):
+            order = [n for n in src.ranking("w8a8") if n not in src.always_float]
+            fallback = order[: config["fallback_k"]]
+            a16 = order[config["fallback_k"]: config["fallback_k"] + config.get("a16_k", 0)]
+        if config.get("w4_fraction"):
+            weighted = [n for n in reversed(src.ranking("w4a8")) if n in src.macs and n not in fallback]
+            w4 = weighted[: int(config["w4_fraction"] * len(weighted))]
         return fallback, MixedPrecision(tuple(a16), tuple(w4))
 
     def _check_high_precision(self, trial: optuna.Trial, config: dict, fallback: list[str], mixed: MixedPrecision,

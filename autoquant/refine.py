@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -35,8 +35,11 @@ class Refiner:
         self._adaround_cache: dict[str, np.ndarray] | None = None
         self._layer_inputs: dict[str, np.ndarray | list[np.ndarray]] | None = None
 
-    def apply(self, qdq: onnx.ModelProto, config: dict[str, Any]) -> dict[str, Any]:
-        """Modify ``qdq`` in place per ``config``; returns what was done (for the trial's record)."""
+    def apply(self, qdq: onnx.ModelProto, config: dict[str, Any],
+              should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Modify ``qdq`` in place per ``config``; returns what was done (for the trial's record).
+        ``should_stop``: asked between AdaRound layers; raises techniques.adaround.Interrupted (the layers
+        done are kept in the cache for later trials)."""
         info: dict[str, Any] = {}
         rounding = config["weight_rounding"]
         if rounding == "nearest_away":
@@ -46,10 +49,13 @@ class Refiner:
 
             cache = self._cache()
             before = len(cache)
-            layers = apply_adaround(qdq, self.float_inits, self.layer_inputs(), cache=cache)
+            try:
+                layers = apply_adaround(qdq, self.float_inits, self.layer_inputs(), cache=cache,
+                                        should_stop=should_stop)
+            finally:
+                if len(cache) != before:
+                    self._save_cache()
             info["adaround_layers"] = len(layers)
-            if len(cache) != before:
-                self._save_cache()
         if config.get("bias_correction"):
             from .techniques import correct_biases
 

@@ -31,8 +31,13 @@ class OptimizeResult:
     float_nodes: list[str] = field(default_factory=list)
     preparation: dict[str, Any] = field(default_factory=dict)  # steps, quantizable count, nodes kept float + why
     latency_ratio: float | None = None  # ORT CPU latency / fp32 latency, 1 thread, measured in the same process
+    #: the same ratio with ONNX Runtime's default threading (all cores), measured for the delivered model
+    latency_ratio_default_threads: float | None = None
     bops_ratio: float | None = None  # bit operations / fp32 bit operations
     export_path: str | None = None  # the target runtime's file (TensorRT cache, ncnn table), when a target asks
+    #: wall seconds of this call's stages: preparation_and_statistics, fp32_eval, sensitivity, screening, trials,
+    #: total (a stage found in the cache or study, or skipped, is short or absent)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def size_ratio(self) -> float:
@@ -66,6 +71,8 @@ class OptimizeResult:
     def summary(self) -> str:
         state = "feasible" if self.feasible else "NOT feasible"
         latency = f", latency {self.latency_ratio:.2f}x fp32" if self.latency_ratio is not None else ""
+        if self.latency_ratio_default_threads is not None:
+            latency += f" (1 thread; {self.latency_ratio_default_threads:.2f}x with ORT's default threads)"
         return (f"trial {self.trial_number} ({state}): accuracy {self.accuracy:.4f} vs fp32 {self.baseline_accuracy:.4f}"
                 f" (drop {self.drop:.4f}), size {self.size_bytes} B = {self.size_ratio:.2f}x fp32{latency}"
                 f" -> {self.model_path}")

@@ -66,6 +66,10 @@ def test_latency_and_bops_recorded_for_every_trial(result):
                 act_bits = 32 if cfg["mode"] == "weight_only" else cfg["activation_bits"]  # float activations
                 assert d["bops_ratio"] == pytest.approx(cfg["weight_bits"] * act_bits / 1024)
     assert result.latency_ratio is not None and "latency" in result.summary()
+    # "as configured": the delivered model also timed with ORT's default threading
+    assert result.latency_ratio_default_threads > 0 and "default threads" in result.summary()
+    assert result.timings["trials"] > 0 and result.timings["total"] >= sum(
+        v for k, v in result.timings.items() if k != "total")
     assert {"latency_ms", "latency_ratio", "bops_ratio"} <= set(result.report().columns)
 
 

@@ -369,3 +369,23 @@ def test_bias_correction_waves_follow_dependencies(tmp_path, monkeypatch):
         mq = channel_means(real(q, [qout], calib)[qout], "Conv")
         bias_scale = init_array(q, f"{name.lower()}.b_quantized_scale").astype(np.float64)
         assert np.all(np.abs(mf - mq) <= bias_scale / 2 * (1 + 1e-3) + 1e-6), name
+
+
+def test_adaround_stops_between_layers_and_keeps_the_done_ones(task):
+    """A search timeout interrupts AdaRound between layers; the layers done stay in the cache."""
+    asked = []
+
+    def stop_after_one() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    cache: dict = {}
+    with pytest.raises(adaround_mod.Interrupted, match="1 layers done"):
+        apply_adaround(task["qdq"](4, "per_tensor"), task["floats"], task["inputs"], cache=cache, iters=100,
+                       should_stop=stop_after_one)
+    assert len(cache) == 1
+    # with every layer cached nothing asks to stop: a finished model is not thrown away
+    apply_adaround(task["qdq"](4, "per_tensor"), task["floats"], task["inputs"], cache=cache, iters=100)
+    report = apply_adaround(task["qdq"](4, "per_tensor"), task["floats"], task["inputs"], cache=cache, iters=100,
+                            should_stop=lambda: True)
+    assert len(report) == len(LAYERS) and all(info["cached"] for info in report.values())

@@ -311,9 +311,13 @@ def _weight_dq(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
 
 
+class Interrupted(Exception):
+    """apply_adaround stopped on request (a search timeout) before finishing the model."""
+
+
 def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray],
                    layer_inputs: dict[str, np.ndarray | list[np.ndarray]], cache: dict | None = None,
-                   **kw) -> dict[str, dict]:
+                   should_stop: Callable[[], bool] | None = None, **kw) -> dict[str, dict]:
     """Replace the integer weights ``<w>_quantized`` of every Conv / Gemm / MatMul in ``qdq_model`` (in
     place) by AdaRound's, keeping their ONNX type (int4 included). ``float_inits`` maps ``<w>`` to the float
     weight, ``layer_inputs`` a node NAME to its float input activations on calibration data (an array, or a
@@ -322,7 +326,9 @@ def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray
     :func:`adaround`. ``cache`` (a plain dict the caller may keep, e.g. with ``np.savez``) maps a hex key
     of node, weight, input, grid, attributes and ``kw`` to the int32 result, so a repeated grid costs no
     optimization. Returns :func:`adaround`'s info per rewritten node, with ``"cached": False``, or just
-    ``{"cached": True}`` when the integers came from ``cache``."""
+    ``{"cached": True}`` when the integers came from ``cache``. ``should_stop`` is asked before each layer
+    that needs an optimization; when it says so, :class:`Interrupted` is raised (``cache`` keeps the layers
+    done)."""
     inits = {t.name: t for t in qdq_model.graph.initializer}
     producers = _weight_dq(qdq_model)
     uses: dict[str, int] = {}
@@ -362,6 +368,8 @@ def apply_adaround(qdq_model: onnx.ModelProto, float_inits: dict[str, np.ndarray
         if key is not None and key in cache:
             q, info = np.asarray(cache[key]), {"cached": True}
         else:
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped before AdaRound of {node.name} ({len(report)} layers done)")
             try:
                 q, info = adaround(w, x, scale, zp, axis, qmin, qmax, node.op_type, attrs, **kw)
             except NotImplementedError:  # e.g. a 3-D Conv or a batched MatMul weight: left as ORT wrote it

@@ -1,0 +1,198 @@
+"""Repair: when every scored trial is infeasible, raise the precision of the most accurate one just enough.
+
+After the starting points, the sampler alone may need many evals to find a feasible config on a model
+where int8 everywhere is slightly too lossy (PP-OCR: drop 0.0148 against a limit of 0.01). Peers then
+revert layers to float one eval at a time (NNCF: one full eval per reverted group). We instead use
+what the study already measured, with builds and output SQNR only (no user eval):
+
+1. the most accurate trial's drop ``d`` and output SQNR ``s``;
+2. the SQNR the fix needs: ``log10(drop)`` falls linearly with SQNR, ``s_req = s + m·log10(d / (TARGET_SHARE ·
+   allowed))``, with ``m`` dB per decade fitted on the study's scored trials (bounded to 10–40), or 20 (drop
+   following the output noise amplitude) until two trials with a clear drop exist;
+3. along a precision ladder of the space (``fallback_k``: the k most sensitive nodes in float, then
+   ``a16_k``: 16-bit activations), bisection for the smallest k whose screened SQNR reaches ``s_req``
+   (the ladder's top when none does);
+4. that config is enqueued; its trial (one full eval) reuses the screened build.
+
+If the repaired trial is still infeasible it becomes the new most accurate trial and the next repair
+starts from it with one more measured point, so the steps shrink like a secant method. Each trial is
+repaired at most once. Once a repair is feasible, and the search goes on (no ``stop_when_feasible``),
+its ladder step is trimmed by bisection with full evals, down to the cheapest feasible step. When
+nothing is left to raise or trim, the sampler goes on as usual. Optuna has no such
+step (its samplers see trials, not the model), hence this module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from .objective import DETAILS, Objective
+
+#: aim the repaired trial at this share of the allowed drop (a margin for the SQNR -> accuracy model)
+TARGET_SHARE = 0.7
+#: user attributes of enqueued repair / trim trials: the trial repaired / trimmed, the knob moved
+REPAIR_OF = "repair_of"
+TRIM_OF = "trim_of"
+REPAIR_KNOB = "repair_knob"
+#: precision ladders, tried in this order: float fallback first (ORT CPU runs float nodes at full speed,
+#: 16-bit activation nodes through extra Q/DQ work)
+LADDERS = (("fallback_k", "most sensitive nodes in float"), ("a16_k", "next most sensitive nodes at 16-bit activations"))
+
+
+#: dB of output SQNR per decade of accuracy drop, before the study can fit it, and the fit's bounds
+DEFAULT_DB_PER_DECADE = 20.0
+DB_PER_DECADE_BOUNDS = (10.0, 40.0)
+
+
+def db_per_decade(points: list[tuple[float, float]], allowed: float) -> float:
+    """Fit ``log10(drop) = a - sqnr / m`` over (SQNR, drop) of scored trials and return ``m``. Drops within
+    a tenth of the allowed one are left out (there the metric's own noise decides); with fewer than two
+    points, or SQNRs less than 1 dB apart, or a fit that does not fall with SQNR: DEFAULT_DB_PER_DECADE."""
+    pts = [(s, math.log10(d)) for s, d in points if math.isfinite(s) and d > max(0.1 * allowed, 1e-12)]
+    if len(pts) < 2 or max(s for s, _ in pts) - min(s for s, _ in pts) < 1.0:
+        return DEFAULT_DB_PER_DECADE
+    slope = float(np.polyfit([s for s, _ in pts], [d for _, d in pts], 1)[0])  # decades per dB
+    if slope >= 0:
+        return DEFAULT_DB_PER_DECADE
+    return float(np.clip(-1.0 / slope, *DB_PER_DECADE_BOUNDS))
+
+
+def required_sqnr(sqnr: float, drop: float, allowed: float, per_decade: float = DEFAULT_DB_PER_DECADE) -> float:
+    """Output SQNR (dB) at which a trial with this ``drop`` at ``sqnr`` would drop TARGET_SHARE·allowed."""
+    target = TARGET_SHARE * allowed
+    if target <= 0:
+        return math.inf
+    return sqnr + per_decade * math.log10(max(drop, target) / target)
+
+
+def ladder(domain, n_nodes: int, current: int) -> list[int]:
+    """The knob's values above ``current``: a list's values, or a range's powers of two (and its top),
+    never past the number of compute nodes (more would change nothing)."""
+    if domain is None or domain.fixed:
+        return []
+    if domain.values is not None:
+        values = sorted(int(v) for v in domain.values)
+    else:
+        top = min(int(domain.high), n_nodes)
+        values = sorted({*(2 ** i for i in range(max(top, 1).bit_length())), top})
+        values = [v for v in values if domain.low <= v <= top]
+    capped = sorted({min(v, n_nodes) for v in values})
+    return [v for v in capped if v > current]
+
+
+def _most_accurate(study: optuna.Study, objective: Objective) -> optuna.trial.FrozenTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete or any(t.user_attrs.get("feasible") for t in complete):
+        return None
+    return min(complete, key=lambda t: (objective.scoring.drop(t.user_attrs["accuracy"]), t.number))
+
+
+def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """(label, Optuna params, user attributes) of the next trial to enqueue, or None.
+
+    - a repair made a trial feasible: the next step of the trim (bisection, with full evals, between the
+      highest infeasible and the lowest feasible step of its ladder seen so far);
+    - nothing is feasible: the repair of the most accurate trial.
+
+    None when there is nothing to trim, a feasible trial exists, nothing was scored, that trial was
+    repaired already, SQNR screening is off (``prune=False`` and no subset callback), or no ladder can
+    raise its precision."""
+    if objective.pruner is None:
+        return None
+    trim = _trim_point(study, objective)
+    if trim is not None:
+        return trim
+    best = _most_accurate(study, objective)
+    if best is None or any(t.user_attrs.get(REPAIR_OF) == best.number for t in study.get_trials(deepcopy=False)):
+        return None
+    details = best.user_attrs[DETAILS]
+    sqnr = details.get("sqnr_db")
+    if sqnr is None:
+        sqnr = objective.pruner.sqnr(objective.output_dir / details["model_file"])
+    drop = objective.scoring.drop(best.user_attrs["accuracy"])
+    allowed = objective.scoring.allowed_drop
+    scored = [(t.user_attrs[DETAILS]["sqnr_db"], objective.scoring.drop(t.user_attrs["accuracy"]))
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs[DETAILS].get("sqnr_db") is not None and "reused_from" not in t.user_attrs[DETAILS]]
+    per_decade = db_per_decade([*scored, (sqnr, drop)], allowed)
+    need = required_sqnr(sqnr, drop, allowed, per_decade)
+    screen_dir = objective.trial_dir / "screen"
+    screen_dir.mkdir(parents=True, exist_ok=True)
+    for knob, what in LADDERS:
+        if knob not in best.params:  # fixed by the space, or not active for this config (a16_k: 8-bit acts only)
+            continue
+        steps = ladder(objective.space.domains.get(knob), objective.n_compute_nodes, int(best.params[knob]))
+        if not steps:
+            continue
+        found = _bisect(objective, best, knob, steps, need, screen_dir)
+        if found is None or found[1] <= sqnr:
+            continue  # this ladder does not raise the SQNR: try the next one
+        k, got, params = found
+        label = (f"repair of trial {best.number}: its {k} {what} (screened SQNR {got:.1f} dB; "
+                 f"{need:.1f} dB estimated for drop <= {TARGET_SHARE:g} x allowed at {per_decade:.0f} dB/decade)")
+        return label, params, {REPAIR_OF: best.number, REPAIR_KNOB: knob, "screen_sqnr_db": got}
+    return None
+
+
+def _trim_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """After a repair made a trial feasible, its ladder step may be more than needed (the SQNR model is
+    rough): bisect the ladder steps between the highest infeasible and the lowest feasible step of that
+    config family, one full eval per step, so it ends at the cheapest feasible step in about log2(steps)
+    evals (NNCF reverts one group per eval)."""
+    trials = study.get_trials(deepcopy=False)
+    repairs = [t for t in trials if REPAIR_OF in t.user_attrs and t.state == TrialState.COMPLETE
+               and t.user_attrs.get("feasible")]
+    for rep in reversed(repairs):
+        knob = rep.user_attrs[REPAIR_KNOB]
+        family = {k: v for k, v in rep.params.items() if k != knob}
+        feasible: dict[int, bool] = {}  # step -> feasible (PRUNED: judged hopeless = not feasible)
+        for t in trials:
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and knob in t.params and \
+                    {k: v for k, v in t.params.items() if k != knob} == family:
+                k = int(t.params[knob])
+                feasible[k] = feasible.get(k, False) or bool(t.state == TrialState.COMPLETE and t.user_attrs["feasible"])
+        hi = min(k for k, ok in feasible.items() if ok)
+        lo = max((k for k, ok in feasible.items() if not ok and k < hi), default=-1)
+        steps = [v for v in ladder(objective.space.domains.get(knob), objective.n_compute_nodes, lo) if v < hi]
+        if not steps:
+            continue
+        k = steps[len(steps) // 2]
+        label = (f"trim of repair trial {rep.number}: {knob}={k} (so far {knob}={hi} is feasible"
+                 + ("" if lo < 0 else f", {knob}={lo} is not") + ")")
+        return label, {**rep.params, knob: k}, {TRIM_OF: rep.number, REPAIR_KNOB: knob}
+    return None
+
+
+def _bisect(objective: Objective, best, knob: str, steps: list[int], need: float, screen_dir):
+    """Smallest step whose screened SQNR reaches ``need`` (SQNR grows with k), else the top step:
+    (k, SQNR, params), or None when no step builds. Builds of steps not chosen are deleted."""
+    scored: dict[int, tuple[float | None, dict, dict]] = {}
+
+    def screen(i: int) -> float | None:
+        if i not in scored:
+            params = {**best.params, knob: steps[i]}
+            config = objective.space.suggest(optuna.trial.FixedTrial(params), objective.n_compute_nodes)
+            path = screen_dir / f"repair-{best.number}-{knob}-{steps[i]}.onnx"
+            scored[i] = (objective.screen_config(config, path), params, config)
+        return scored[i][0]
+
+    top = len(steps) - 1
+    chosen = top
+    if (screen(top) or -math.inf) >= need:
+        lo, hi = 0, top - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if (screen(mid) or -math.inf) >= need:
+                chosen, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+    for i, (_, _, config) in scored.items():
+        if i != chosen:
+            objective.forget_screened(config)
+    got, params, _ = scored[chosen]
+    return None if got is None else (steps[chosen], got, params)
