@@ -635,7 +635,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
             + "; ".join(reasons[:5])
         )
     chosen = None
-    for t in rank(complete, select, higher_is_better):
+    for t in rank(complete, select, higher_is_better, int(study.user_attrs["fp32_size_bytes"])):
         d = t.user_attrs[DETAILS]
         src = out / d["model_file"]
         if src.exists() and sha256_file(src) == d["sha256"]:

@@ -83,6 +83,8 @@ class Scoring:
 
 #: user attribute holding a COMPLETE trial's file, timings and provenance (one write, see Objective._run)
 DETAILS = "details"
+#: user attribute of an enqueued trial that must get its full eval (no SQNR / subset pruning)
+NO_PRUNE = "no_prune"
 
 
 @dataclass
@@ -326,8 +328,11 @@ class Objective:
             raise optuna.TrialPruned()
 
     def _prescore(self, trial: optuna.Trial, path: Path, details: dict, sqnr: float | None = None) -> None:
-        """Cheap fidelities before the full eval; prune (PRUNED + reason) when clearly hopeless."""
+        """Cheap fidelities before the full eval; prune (PRUNED + reason) when clearly hopeless, unless
+        the trial was enqueued with NO_PRUNE (it asks a question only a full eval answers)."""
         details["sqnr_db"] = self.pruner.sqnr(path) if sqnr is None else sqnr
+        if trial.user_attrs.get(NO_PRUNE):
+            return
         cost = float(path.stat().st_size if self.objective == "size" else details[OBJECTIVES[self.objective]])
         reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"], cost)
         if reason is None:

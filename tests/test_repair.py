@@ -101,5 +101,6 @@ def test_a_feasible_repair_is_trimmed_to_the_cheapest_feasible_step(demo, tmp_pa
     trims = [t for t in trials if t.user_attrs.get(TRIM_OF) == repair.number]
     assert [t.params["fallback_k"] for t in trims] == [1]  # the one step between 0 (infeasible) and 3
     assert trims[0].number == repair.number + 1 and trims[0].user_attrs["enqueued"].startswith("trim of repair")
+    assert trims[0].state == TrialState.COMPLETE  # a trim is never pruned: only its full eval answers it
     assert {k: v for k, v in trims[0].params.items() if k != "fallback_k"} == \
         {k: v for k, v in repair.params.items() if k != "fallback_k"}

@@ -53,3 +53,18 @@ def test_real_study_frozen_trials(tmp_path):
     study.add_trial(_trial(0, 0.99, 150, 0.8))
     best = rank(study.get_trials(states=(TrialState.COMPLETE,)), "smallest", True)[0]
     assert best.user_attrs["size_bytes"] == 150
+
+
+def test_smallest_prefers_a_model_at_fp32_speed_to_a_smaller_much_slower_one():
+    """Seen on PP-OCR: sensitive layers float (0.60x size, 0.98x latency) vs ORT dynamic quantization
+    of the convolutions (0.56x size, 2.6x latency)."""
+    at_fp32_speed = _trial(0, 0.970, 601, 0.98, bops_ratio=0.82)
+    dynamic = _trial(1, 0.972, 563, 2.58, bops_ratio=0.78)
+    assert rank([at_fp32_speed, dynamic], "smallest", True, fp32_size=1000)[0] is at_fp32_speed
+    assert rank([at_fp32_speed, dynamic], "smallest", True)[0] is dynamic  # fp32 size unknown: size alone
+    # not a compression (mostly float, bigger than 0.75x fp32): the small slow model still wins
+    bulky = _trial(2, 0.999, 900, 1.0, bops_ratio=0.99)
+    assert rank([bulky, dynamic], "smallest", True, fp32_size=1000)[0] is dynamic
+    # faster than fp32 still comes first
+    fast = _trial(3, 0.97, 700, 0.6, bops_ratio=0.3)
+    assert rank([at_fp32_speed, dynamic, fast], "smallest", True, fp32_size=1000)[0] is fast
