@@ -654,8 +654,11 @@ def write_report(tasks: list[Task], results: dict[str, dict[str, dict]], failed:
                              f"once by this benchmark, not counted here); result.baseline_accuracy "
                              f"{res.baseline_accuracy:.4f}")
                 L.append(f"- autoquant's own numbers: eval_calls {res.eval_calls} (our wrapper counted {log.full}), "
-                         f"size_ratio {res.size_ratio:.3f}, latency_ratio {fmt(res.latency_ratio, 2)}; float nodes "
-                         f"{len(res.float_nodes)}")
+                         f"size_ratio {res.size_ratio:.3f}, latency_ratio {fmt(res.latency_ratio, 2)} (1 thread; "
+                         f"{fmt(getattr(res, 'latency_ratio_default_threads', None), 2)} with ORT's default threads); "
+                         f"float nodes {len(res.float_nodes)}")
+                if getattr(res, "timings", None):
+                    L.append("- stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
                 L.append(f"- trials: {r['states']}; first feasible trial: {fmt(r['first_feasible'])}"
                          + ("; stopped by the time cap before n_trials" if r.get("timed_out") else ""))
                 L += ["", "| trial | state | accuracy | feasible | trial s | build s | model sha256[:10] | config; prune / fail reason |",
