@@ -581,8 +581,7 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
 
     grace = GRACE_FACTOR * objective.heartbeat_interval
     if timeout is not None:  # a slow build (AdaRound) gives up at the timeout once there is a model to deliver
-        objective.should_stop = lambda: (time.perf_counter() - t_start > timeout
-                                         and count(study, TrialState.COMPLETE) > 0)
+        objective.should_stop = _past_timeout(study, t_start, timeout)
     failures_allowed = max(3, n_trials)  # a callback that always fails must not loop forever
     done = count(study, *DONE_STATES)
     verbosity = optuna.logging.get_verbosity()
@@ -609,6 +608,11 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                 done = now
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _past_timeout(study: optuna.Study, t_start: float, timeout: float) -> Callable[[], bool]:
+    """True once ``timeout`` seconds passed since ``t_start`` and a trial completed (a model exists)."""
+    return lambda: time.perf_counter() - t_start > timeout and count(study, TrialState.COMPLETE) > 0
 
 
 def _enqueue_repair(study: optuna.Study, objective: Objective) -> None:

@@ -214,3 +214,33 @@ def test_sqnr_pruner_verdicts_on_a_real_study(prepared_demo, tmp_path):
     assert "below an infeasible" in pruner.sqnr_verdict(study, 10.0, 40.0)
     assert pruner.sqnr_verdict(study, 14.0, 40.0) is None
     assert Pruner(prepared.path, stats.samples, enabled=False).sqnr_verdict(study, 1.0, 1e9) is None
+
+
+def test_timeout_interrupts_a_build_only_once_a_model_exists():
+    import time
+
+    import optuna
+    from optuna.trial import create_trial
+
+    from autoquant.api import _past_timeout
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    stop = _past_timeout(study, time.perf_counter() - 10, timeout=5)
+    assert not stop()  # past the timeout, but the first trial must still deliver a model
+    study.add_trial(create_trial(state=TrialState.COMPLETE, values=[1.0, 1.0]))
+    assert stop()
+    assert not _past_timeout(study, time.perf_counter(), timeout=5)()
+
+
+def test_refiner_passes_the_stop_request_to_adaround(prepared_demo, base_config, tmp_path):
+    from autoquant.build import RangeCache, build_qdq_model
+    from autoquant.refine import Refiner
+    from autoquant.techniques.adaround import Interrupted
+
+    prepared, stats = prepared_demo
+    config = {**base_config, "weight_rounding": "adaround"}
+    refiner = Refiner(prepared.path, stats.samples, tmp_path)
+    with pytest.raises(Interrupted):
+        build_qdq_model(prepared.path, RangeCache(stats).ranges(config), config, tmp_path / "m.onnx",
+                        refine=lambda m: refiner.apply(m, config, should_stop=lambda: True))
+    assert not (tmp_path / "m.onnx").exists()
