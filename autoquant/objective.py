@@ -140,6 +140,8 @@ class Objective:
         self._screened: dict[str, tuple[Path, dict, float]] = {}  # config json -> (built file, refinements, SQNR)
         #: set by the search loop when a timeout applies: True once a running trial should give up
         self.should_stop: Callable[[], bool] | None = None
+        #: trials autoquant.repair already tried to repair in this process (not to rebuild its ladders)
+        self.repair_tried: set[int] = set()
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr(OWNER_ATTR, owner_id())

@@ -113,8 +113,10 @@ def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[s
     if trim is not None:
         return trim
     best = _most_accurate(study, objective)
-    if best is None or any(t.user_attrs.get(REPAIR_OF) == best.number for t in study.get_trials(deepcopy=False)):
+    if best is None or best.number in objective.repair_tried or any(
+            t.user_attrs.get(REPAIR_OF) == best.number for t in study.get_trials(deepcopy=False)):
         return None
+    objective.repair_tried.add(best.number)
     details = best.user_attrs[DETAILS]
     sqnr = details.get("sqnr_db")
     if sqnr is None:
