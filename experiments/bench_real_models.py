@@ -19,9 +19,9 @@ One run, one process, one machine. Each model is handed to ``optimize()`` exactl
 4. ``cnn_if``: the CNN of (1) inside ``If(Constant true)`` (weights as Constant nodes inside the branch, BN
    parameters read from the outer scope); autoquant's preparation must fold the If.
 
-The CNNs use the default search space. PP-OCR and MiniLM use it with ``fallback_k``, ``a16_k`` and ``w4_fraction``
-fixed at 0 (``default-nosens``): those knobs make autoquant run its per-node sensitivity pass first, which this
-script times on a few nodes and extrapolates instead. PP-OCR and MiniLM also get ``optimize(timeout=...)``.
+Every task uses the default search space (``--full-default`` lists the tasks that do; one left out of it gets
+``default-nosens``: ``fallback_k``, ``a16_k`` and ``w4_fraction`` fixed at 0, no per-node sensitivity pass, whose
+cost this script then times on a few nodes and extrapolates). PP-OCR and MiniLM also get ``optimize(timeout=...)``.
 
 For each model it reports the preparation summary, fp32 vs delivered metric, feasibility, the delivered
 config, size ratio, ORT CPU latency ratio (measured here, single thread, interleaved, median; beside
