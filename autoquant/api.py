@@ -558,7 +558,6 @@ def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisio
             row = table.setdefault(n, dict.fromkeys(PRECISIONS))
             v = d.get(precision)
             row[precision] = v if v is not None and np.isfinite(v) else None
-        measure.sensitivity = table
         return rank_nodes(got, precision)
 
     measure.sensitivity = table
@@ -618,7 +617,7 @@ def _past_timeout(study: optuna.Study, t_start: float, timeout: float) -> Callab
 def _enqueue_repair(study: optuna.Study, objective: Objective) -> None:
     """Once the queue is empty and nothing is feasible: enqueue the repair of the most accurate trial
     (autoquant.repair). Under the stage lock, so concurrent workers enqueue it once."""
-    if count(study, TrialState.WAITING):
+    if objective.pruner is None or count(study, TrialState.WAITING):  # no SQNR to aim with / queue not empty
         return
     with _stage_lock(objective.output_dir):
         if count(study, TrialState.WAITING):

@@ -305,8 +305,6 @@ class Objective:
     def _plan(self, config: dict, src: Source) -> tuple[list[str], MixedPrecision]:
         """Sensitivity-ranked per-node precision: the fallback_k most sensitive nodes float, the next
         a16_k with 16-bit activations, the least sensitive w4_fraction of weighted nodes at 4 bits."""
-        if not (config["fallback_k"] or config.get("a16_k") or config.get("w4_fraction")):
-            return [], MixedPrecision()
         # rankings are measured on this variant: folding BN / CLE change what is sensitive
         fallback, a16, w4 = [], [], []
         if config["fallback_k"] or config.get("a16_k"):
