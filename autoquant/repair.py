@@ -22,9 +22,9 @@ nothing is left to raise or trim, the sampler goes on as usual. Optuna has no su
 step (its samplers see trials, not the model), hence this module.
 
 Limits: single-node sensitivity is not additive. On PP-OCR rec (percentile activations) keeping only
-its first Conv float lowered the output SQNR from 11.0 to 9.2 dB and the accuracy from 0.960 to
-0.918, so the bisection's "SQNR grows with k" may not hold; trims are therefore decided by full evals
-and never pruned by SQNR.
+its third most sensitive node, an early Conv, float lowered the output SQNR from 11.0 to 9.2 dB and the
+accuracy from 0.960 to 0.918 (experiments/fallback_additivity.py), so the bisection's "SQNR grows with
+k" may not hold; trims are therefore decided by full evals and never pruned by SQNR.
 """
 
 from __future__ import annotations
