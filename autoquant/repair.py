@@ -112,9 +112,10 @@ def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[s
     trim = _trim_point(study, objective)
     if trim is not None:
         return trim
+    trials = study.get_trials(deepcopy=False)
     best = _most_accurate(study, objective)
     if best is None or best.number in objective.repair_tried or any(
-            t.user_attrs.get(REPAIR_OF) == best.number for t in study.get_trials(deepcopy=False)):
+            t.user_attrs.get(REPAIR_OF) == best.number for t in trials):
         return None
     objective.repair_tried.add(best.number)
     details = best.user_attrs[DETAILS]
@@ -124,8 +125,8 @@ def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[s
     drop = objective.scoring.drop(best.user_attrs["accuracy"])
     allowed = objective.scoring.allowed_drop
     scored = [(t.user_attrs[DETAILS]["sqnr_db"], objective.scoring.drop(t.user_attrs["accuracy"]))
-              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.user_attrs[DETAILS].get("sqnr_db") is not None and "reused_from" not in t.user_attrs[DETAILS]]
+              for t in trials if t.state == TrialState.COMPLETE
+              and t.user_attrs[DETAILS].get("sqnr_db") is not None and "reused_from" not in t.user_attrs[DETAILS]]
     per_decade = db_per_decade([*scored, (sqnr, drop)], allowed)
     need = required_sqnr(sqnr, drop, allowed, per_decade)
     screen_dir = objective.trial_dir / "screen"
@@ -156,11 +157,11 @@ def _trim_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[st
                and t.user_attrs.get("feasible")]
     for rep in reversed(repairs):
         knob = rep.user_attrs[REPAIR_KNOB]
-        family = {k: v for k, v in rep.params.items() if k != knob}
+        family = _without(rep.params, knob)
         feasible: dict[int, bool] = {}  # step -> feasible (PRUNED: judged hopeless = not feasible)
         for t in trials:
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and knob in t.params and \
-                    {k: v for k, v in t.params.items() if k != knob} == family:
+                    _without(t.params, knob) == family:
                 k = int(t.params[knob])
                 feasible[k] = feasible.get(k, False) or bool(t.state == TrialState.COMPLETE and t.user_attrs["feasible"])
         hi = min(k for k, ok in feasible.items() if ok)
@@ -177,6 +178,11 @@ def _trim_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[st
     return None
 
 
+def _without(params: dict[str, Any], knob: str) -> dict[str, Any]:
+    """A trial's params except ``knob``: the config family a ladder moves in."""
+    return {k: v for k, v in params.items() if k != knob}
+
+
 def _bisect(objective: Objective, best, knob: str, steps: list[int], need: float, screen_dir):
     """Smallest step whose screened SQNR reaches ``need`` (SQNR grows with k), else the top step:
     (k, SQNR, params), or None when no step builds. Builds of steps not chosen are deleted."""
@@ -190,13 +196,17 @@ def _bisect(objective: Objective, best, knob: str, steps: list[int], need: float
             scored[i] = (objective.screen_config(config, path), params, config)
         return scored[i][0]
 
+    def reaches(i: int) -> bool:
+        got = screen(i)
+        return got is not None and got >= need  # None: the step does not build
+
     top = len(steps) - 1
     chosen = top
-    if (screen(top) or -math.inf) >= need:
+    if reaches(top):
         lo, hi = 0, top - 1
         while lo <= hi:
             mid = (lo + hi) // 2
-            if (screen(mid) or -math.inf) >= need:
+            if reaches(mid):
                 chosen, hi = mid, mid - 1
             else:
                 lo = mid + 1
