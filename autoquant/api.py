@@ -34,7 +34,7 @@ from .prepare import quantizable_summary
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from . import variants
 from .launch import calibration_ref, callable_ref
-from .cost import LatencyMeter, macs_per_node
+from .cost import LATENCY_THREADING, SpeedMeter, macs_per_node
 from .repair import repair_point
 from .objective import (DETAILS, DONE_STATES, OBJECTIVES, BudgetReached, Objective, Scoring, Source,
                         check_metric)
@@ -42,7 +42,7 @@ from .prune import Pruner
 from .refine import Refiner
 from .report import save_csv, trials_frame
 from .result import OptimizeResult
-from .select import SELECT_MODES, rank
+from .select import COMPRESSED, SELECT_MODES, latency_ratio, not_slower_than_fp32, rank
 from .sensitivity import PRECISIONS, measure_sensitivity, rank_nodes
 from .space import KNOBS, SearchSpace, preset_names
 from .study import DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, open_storage, recover_stale_trials
@@ -306,6 +306,7 @@ def optimize(
     max_high_precision_fraction: float | None = None,
     target: str | None = None,
     baseline_accuracy: float | None = None,
+    latency_threading: str = "default",
 ) -> OptimizeResult:
     """Search quantization configs of ``model`` and deliver the best one within the accuracy limit.
 
@@ -315,6 +316,10 @@ def optimize(
 
     ``baseline_accuracy``: the fp32 model's score when the user already knows it (the same callback on
     the same data); it replaces the fp32 eval call. Left None, the fp32 model is scored once per study.
+
+    ``latency_threading``: how the latency that the delivery rule compares with fp32 is measured: "default"
+    (ONNX Runtime's default intra-op threading, as a session runs out of the box) or "single" (one thread).
+    Both ratios are recorded for every trial.
     """
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar and warnings replace its INFO lines
@@ -322,7 +327,8 @@ def optimize(
         return _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, drop_type, higher_is_better,
                          search_space, n_trials, timeout, seed, storage, study_name, output_dir, select, show_progress,
                          heartbeat_interval, eval_timeout, objective, measure_latency, prune, eval_subset_callback,
-                         stop_when_feasible, max_high_precision_fraction, target, baseline_accuracy)
+                         stop_when_feasible, max_high_precision_fraction, target, baseline_accuracy,
+                         latency_threading)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -331,7 +337,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
               search_space, n_trials, timeout, seed, storage, study_name, output_dir, select,
               show_progress, heartbeat_interval, eval_timeout, objective, measure_latency, prune,
               eval_subset_callback, stop_when_feasible, max_high_precision_fraction, target,
-              baseline_accuracy=None) -> OptimizeResult:
+              baseline_accuracy=None, latency_threading="default") -> OptimizeResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
@@ -340,6 +346,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     if baseline_accuracy is not None and (isinstance(baseline_accuracy, bool) or not isinstance(
             baseline_accuracy, numbers.Real) or not math.isfinite(baseline_accuracy)):
         raise ConfigError(f"baseline_accuracy must be None or the fp32 model's finite score, got {baseline_accuracy!r}")
+    if latency_threading not in LATENCY_THREADING:
+        raise ConfigError(f"latency_threading must be one of {list(LATENCY_THREADING)}, got {latency_threading!r}")
     space = _space_for(search_space, target)
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
@@ -390,6 +398,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                         "n_trials": int(n_trials), "select": select, "heartbeat_interval": float(heartbeat_interval),
                         "eval_timeout": eval_timeout, "objective": objective, "measure_latency": measure_latency,
                         "prune": prune, "max_high_precision_fraction": max_high_precision_fraction,
+                        "latency_threading": latency_threading,
                     },
                 })
             eval_calls += baseline_accuracy is None
@@ -413,11 +422,12 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               eval_callback=eval_callback, scoring=scoring,
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
                               eval_timeout=eval_timeout, objective=objective,
-                              latency=_latency_meter(fp32_path, statistics) if measure_latency else None)
+                              latency=_latency_meter(fp32_path, statistics, latency_threading)
+                              if measure_latency else None)
         with _stage_lock(out), _timed(timings, "screening"):  # workers starting together: one screens, enqueues
             if not study.get_trials(deepcopy=False):  # a new study: its baselines first, most promising first
-                for label, params, sqnr in objective.screen(space.starting_points())[: int(n_trials)]:
-                    study.enqueue_trial(params, user_attrs={"enqueued": label, "screen_sqnr_db": sqnr})
+                for label, params, screened in objective.screen(space.starting_points())[: int(n_trials)]:
+                    study.enqueue_trial(params, user_attrs={"enqueued": label, **screened})
         try:
             with _timed(timings, "trials"):
                 _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
@@ -430,10 +440,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                 f"{time.perf_counter() - t_start:.1f} s); raise timeout"
             )
         _record_sensitivity(study, sources[default])  # with the rankings the trials measured (w4a8)
-        result = _deliver(study, out, select, higher_is_better, scoring)
-        if measure_latency:  # "as configured": ORT's default session threading, for the delivered model
-            result.latency_ratio_default_threads = LatencyMeter(fp32_path, statistics[variants.BASE].samples[0],
-                                                                threads=0).measure(result.model_path)[1]
+        result = _deliver(study, out, select, higher_is_better, scoring, latency_threading)
         result.eval_calls = eval_calls + objective.eval_calls
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
@@ -473,6 +480,7 @@ def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type
         study.set_user_attr(k, v)
 
 
+BN_REASON = "unfolded BatchNormalization: ORT would quantize its scale per tensor as a weight"
 MASK_REASON = "reads or writes a masking value (|x| >= 1e30, e.g. an attention mask): kept float so it still masks"
 
 
@@ -536,11 +544,12 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
         proto = m.load()
         # ORT would quantize an unfolded BatchNorm's scale per tensor as a weight (one outlier channel
         # then zeroes the others): BatchNorm that is not folded stays float.
-        keep_float = tuple(n.name for n in proto.graph.node if n.op_type == "BatchNormalization")
-        keep_float += tuple(masked_nodes(proto, statistics[v].masked_tensors))
+        keep_float = {n.name: BN_REASON for n in proto.graph.node if n.op_type == "BatchNormalization"}
+        keep_float.update(dict.fromkeys(masked_nodes(proto, statistics[v].masked_tensors), MASK_REASON))
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
                         frozenset(n.name for n in proto.graph.node), macs_per_node(proto), keep_float,
-                        _ranking_measure(m, statistics[v], cache_dir, precisions))
+                        _ranking_measure(m, statistics[v], cache_dir, precisions),
+                        {n.name: n.op_type for n in proto.graph.node})
     return out
 
 
@@ -564,10 +573,11 @@ def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisio
     return measure
 
 
-def _latency_meter(fp32_path: Path, statistics: dict) -> LatencyMeter:
+def _latency_meter(fp32_path: Path, statistics: dict, threading: str) -> SpeedMeter:
     """Latency vs fp32 on the first calibration feed, batched as the user batches it (per-sample timing
-    would overstate the Q/DQ overhead of a model run on batches)."""
-    return LatencyMeter(fp32_path, statistics[variants.BASE].samples[0])
+    would overstate the Q/DQ overhead of a model run on batches), single-threaded and with ORT's default
+    threading."""
+    return SpeedMeter(fp32_path, statistics[variants.BASE].samples[0], threading)
 
 
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeout: float | None, t_start: float,
@@ -588,8 +598,7 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
     try:
         with tqdm(total=n_trials, initial=done, desc="autoquant trials", unit="trial", disable=not progress) as bar:
             while done < n_trials and objective.failures < failures_allowed:
-                if stop_when_feasible and any(t.user_attrs.get("feasible") for t in
-                                              study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+                if stop_when_feasible and _deliverable_found(study, objective):
                     break
                 remaining_time = None if timeout is None else timeout - (time.perf_counter() - t_start)
                 if remaining_time is not None and remaining_time <= 0:
@@ -607,6 +616,16 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                 done = now
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _deliverable_found(study: optuna.Study, objective: Objective) -> bool:
+    """A feasible trial exists, and (when latency is measured) one that is not slower than fp32: a feasible but
+    slower model does not end a ``stop_when_feasible`` search while trials remain."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")]
+    if objective.latency is None:
+        return bool(feasible)
+    fp32_size = int(study.user_attrs["fp32_size_bytes"])
+    return any(not_slower_than_fp32(t, objective.latency.threading, fp32_size) for t in feasible)
 
 
 def _past_timeout(study: optuna.Study, t_start: float, timeout: float) -> Callable[[], bool]:
@@ -628,7 +647,8 @@ def _enqueue_repair(study: optuna.Study, objective: Objective) -> None:
             study.enqueue_trial(params, user_attrs={"enqueued": label, **attrs})
 
 
-def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool, scoring: Scoring) -> OptimizeResult:
+def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool, scoring: Scoring,
+             threading: str = "default") -> OptimizeResult:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         reasons = sorted({t.user_attrs.get("fail_reason", t.system_attrs.get("fail_reason", "unknown"))
@@ -638,7 +658,8 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
             + "; ".join(reasons[:5])
         )
     chosen = None
-    for t in rank(complete, select, higher_is_better, int(study.user_attrs["fp32_size_bytes"])):
+    fp32_size = int(study.user_attrs["fp32_size_bytes"])
+    for t in rank(complete, select, higher_is_better, fp32_size, threading):
         d = t.user_attrs[DETAILS]
         src = out / d["model_file"]
         if src.exists() and sha256_file(src) == d["sha256"]:
@@ -652,12 +673,9 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
     if sha256_file(model_path) != details["sha256"]:  # the delivered file is the scored file, byte for byte
         raise AutoQuantError("delivered model differs from the scored trial file (disk error?)")
     enc_path = write_encodings(model_path, out / DELIVERED_ENCODINGS)
-    if not a["feasible"]:
-        warnings.warn(
-            f"no trial met allowed_accuracy_drop={scoring.allowed_drop} ({scoring.drop_type}); delivering the most "
-            f"accurate trial {chosen.number} (drop {a['drop']:.4g}) with feasible=False",
-            UserWarning, stacklevel=3,
-        )
+    notes = _delivery_warnings(chosen, complete, scoring, threading, fp32_size)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
     result = OptimizeResult(
         model_path=str(model_path), accuracy=float(a["accuracy"]), baseline_accuracy=scoring.baseline,
         drop=float(a["drop"]), feasible=bool(a["feasible"]), trial_number=chosen.number, config=dict(a["config"]),
@@ -666,6 +684,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         higher_is_better=higher_is_better, float_nodes=list(details["float_nodes"]),
         preparation=dict(study.user_attrs.get("preparation", {})),
         latency_ratio=details.get("latency_ratio"), bops_ratio=details.get("bops_ratio"),
+        latency_ratio_default_threads=details.get("latency_ratio_default_threads"), warnings=notes,
     )
     fmt = (study.user_attrs.get("search_space", {}).get("target") or {}).get("export")
     if fmt:  # the target runtime's own file, next to the model
@@ -683,5 +702,26 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy, "drop": result.drop,
         "feasible": result.feasible, "trial_number": result.trial_number, "config": result.config,
         "size_bytes": result.size_bytes, "fp32_size_bytes": result.fp32_size_bytes, "study_name": study.study_name,
+        "latency_ratio": result.latency_ratio, "latency_ratio_default_threads": result.latency_ratio_default_threads,
+        "warnings": notes,
     })
     return result
+
+
+def _delivery_warnings(chosen, complete, scoring: Scoring, threading: str, fp32_size: int) -> list[str]:
+    """What the user must know about the delivered model: infeasible, or slower than fp32."""
+    a = chosen.user_attrs
+    if not a["feasible"]:
+        return [f"no trial met allowed_accuracy_drop={scoring.allowed_drop} ({scoring.drop_type}); delivering the "
+                f"most accurate trial {chosen.number} (drop {a['drop']:.4g}) with feasible=False"]
+    ratio = latency_ratio(chosen, threading)
+    if ratio is None or not_slower_than_fp32(chosen, threading, fp32_size):
+        return []
+    size = a["size_bytes"] / fp32_size
+    return [f"the delivered model runs at {ratio:.2f}x fp32's latency ({_THREADING_WORDS[threading]}) and "
+            f"{size:.2f}x its size: none of the {sum(bool(t.user_attrs.get('feasible')) for t in complete)} feasible "
+            f"trials is both at fp32 speed or faster and at most {COMPRESSED:g}x its size; raise n_trials, widen "
+            f"the space (quantize_ops), or allow a larger drop"]
+
+
+_THREADING_WORDS = {"default": "ONNX Runtime's default threading", "single": "one thread"}

@@ -20,6 +20,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_st
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from ._io import atomic_write
+from . import scope
 from .observers import make_observer
 from .modes import build_dynamic, build_weight_only
 from .qtypes import ONNX_INT_TYPES, quant_type, weight_quant_type
@@ -217,6 +218,7 @@ def _build_static(prepared_path: Path, ranges: dict, config: dict[str, Any], fal
                 activation_type=quant_type(config["activation_bits"], asym),
                 weight_type=weight_quant_type(config["weight_bits"], wsym),
                 nodes_to_exclude=list(fallback_nodes), nodes_to_quantize=nodes_to_quantize,
+                op_types_to_quantize=scope.op_types(config.get("quantize_ops", "all")),
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options=extra, calibration_cache_path=str(cache),
             )

@@ -26,10 +26,17 @@ def _cmd_optimize(args) -> int:
         show_progress=not args.quiet, heartbeat_interval=args.heartbeat, eval_timeout=args.eval_timeout,
         objective=args.objective, measure_latency=not args.no_latency, prune=not args.no_prune,
         stop_when_feasible=args.stop_when_feasible, max_high_precision_fraction=args.max_high_precision_fraction,
-        target=args.target, baseline_accuracy=args.baseline_accuracy,
+        target=args.target, baseline_accuracy=args.baseline_accuracy, latency_threading=args.latency_threading,
     )
-    print(result.summary())
+    _print_result(result)
     return 0 if result.feasible else 3
+
+
+def _print_result(result, prefix: str = "") -> None:
+    """The summary line, then each of the result's warnings (slower than fp32, infeasible) on its own line."""
+    print(f"{prefix}{result.summary()}")
+    for note in result.warnings:
+        print(f"warning: {note}")
 
 
 def _cmd_report(args) -> int:
@@ -69,7 +76,7 @@ def _cmd_demo(args) -> int:
     task = DemoTask(folder / "task")
     result = optimize(str(task.model_path), task.calibration_data, task.evaluate, allowed_accuracy_drop=0.01,
                       n_trials=args.n_trials, seed=args.seed, output_dir=folder / "out", show_progress=not args.quiet)
-    print(f"autoquant demo: {result.summary()}")
+    _print_result(result, "autoquant demo: ")
     print(f"  config: {json.dumps(result.config)}")
     print(f"  eval calls: {result.eval_calls}, outputs in {folder / 'out'}")
     return 0
@@ -94,7 +101,7 @@ def _cmd_worker(args) -> int:
 
     result = run_worker(args.storage, args.study, n_trials=args.n_trials, timeout=args.timeout,
                         show_progress=not args.quiet)
-    print(result.summary())
+    _print_result(result)
     return 0 if result.feasible else 3
 
 
@@ -123,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--objective", choices=["size", "latency", "bops"], default="size",
                    help="second objective of the search, next to accuracy (default: model size)")
     o.add_argument("--no-latency", action="store_true", help="do not measure each trial's ORT CPU latency")
+    o.add_argument("--latency-threading", choices=["default", "single"], default="default",
+                   help="latency the delivery rule compares with fp32: ORT's default threading or one thread")
     o.add_argument("--no-prune", action="store_true", help="fully evaluate every trial, even hopeless ones")
     o.add_argument("--stop-when-feasible", action="store_true", help="stop at the first feasible trial")
     o.add_argument("--baseline-accuracy", type=float, default=None,

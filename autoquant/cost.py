@@ -82,17 +82,6 @@ def _timed_run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float
     return time.perf_counter() - t0
 
 
-def measure_latency_ms(path: str | Path, feed: dict[str, np.ndarray], threads: int = 1) -> float:
-    """Median wall time (ms) of single-threaded ORT CPU runs, after one warm-up run."""
-    sess = _session(path, threads)
-    sess.run(None, feed)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < LATENCY_REPEATS and (time.perf_counter() - start < LATENCY_BUDGET_S or len(times) < 3):
-        times.append(_timed_run(sess, feed))
-    return 1000.0 * statistics.median(times)
-
-
 class LatencyMeter:
     """A trial model's ORT CPU latency and its ratio to fp32, measured interleaved: fp32 run, trial run,
     fp32 run, ... The ratio is the median of per-pair ratios, so load that changes during a measurement
@@ -118,3 +107,37 @@ class LatencyMeter:
             times.append(t)
             ratios.append(t / base if base > 0 else float("inf"))
         return 1000.0 * statistics.median(times), statistics.median(ratios)
+
+
+#: how a trial's latency ratio is measured for the delivery rule: ORT's default intra-op threading (as a user
+#: runs a session out of the box) or one thread
+LATENCY_THREADING = {"default": 0, "single": 1}
+#: detail keys of the latency ratio and of the latency (ms) per threading
+RATIO_KEY = {"single": "latency_ratio", "default": "latency_ratio_default_threads"}
+MS_KEY = {"single": "latency_ms", "default": "latency_ms_default_threads"}
+#: the delivery rule's speed limit: a model is "not slower than fp32" at this latency ratio or below
+NOT_SLOWER_THAN_FP32 = 1.0
+
+
+class SpeedMeter:
+    """Both latency ratios of a trial model vs fp32: single-threaded and with ORT's default threading, each
+    interleaved with fp32 (:class:`LatencyMeter`). The delivery rule reads the one named by ``threading``."""
+
+    def __init__(self, fp32_path: str | Path, feed: dict[str, np.ndarray], threading: str = "default"):
+        self.threading = threading
+        self._single = LatencyMeter(fp32_path, feed, threads=1)
+        self._default = LatencyMeter(fp32_path, feed, threads=0)
+
+    def measure(self, path: str | Path) -> dict[str, float]:
+        ms, ratio = self._single.measure(path)
+        ms_mt, ratio_mt = self._default.measure(path)
+        return {"latency_ms": ms, "latency_ratio": ratio, "latency_ms_default_threads": ms_mt,
+                "latency_ratio_default_threads": ratio_mt}
+
+    def ratio(self, details: dict) -> float | None:
+        """The ratio the delivery rule uses, from a trial's details."""
+        return details.get(RATIO_KEY[self.threading])
+
+    @property
+    def ms_key(self) -> str:
+        return MS_KEY[self.threading]

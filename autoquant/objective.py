@@ -22,10 +22,11 @@ from optuna.trial import TrialState
 from ._io import sha256_file
 from .build import MixedPrecision, RangeCache, build_qdq_model
 from .prune import Pruner
-from .cost import LatencyMeter, bops
+from .cost import NOT_SLOWER_THAN_FP32, SpeedMeter, bops
 from .errors import TrialFailed
 from .refine import Refiner
 from .techniques.adaround import Interrupted
+from .scope import in_scope
 from .space import SearchSpace
 from .variants import variant_of
 from .study import OWNER_ATTR, Heartbeat, owner_id, trial_file_name
@@ -96,8 +97,9 @@ class Source:
     refiner: Refiner
     nodes: frozenset[str]
     macs: dict[str, int]  # per Conv/Gemm/MatMul node, for bit operations
-    always_float: tuple[str, ...]  # nodes never quantized in this variant (unfolded BatchNorm)
+    always_float: dict[str, str]  # nodes never quantized in this variant -> why (unfolded BatchNorm, masking values)
     measure_ranking: Callable[[str], list[str]]  # nodes most sensitive first at a precision (w8a8, w4a8)
+    op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (the trial's quantize_ops)
     _rankings: dict[str, list[str]] = field(default_factory=dict)
 
     def ranking(self, precision: str) -> list[str]:
@@ -126,7 +128,7 @@ class Objective:
     def __init__(self, *, space: SearchSpace, sources: dict[str, Source], n_compute_nodes: int,
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
                  heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
-                 latency: LatencyMeter | None = None, pruner: Pruner | None = None,
+                 latency: SpeedMeter | None = None, pruner: Pruner | None = None,
                  max_high_precision_fraction: float | None = None):
         self.space, self.sources, self.n_compute_nodes = space, sources, n_compute_nodes
         self.pruner, self.max_high_precision_fraction = pruner, max_high_precision_fraction
@@ -137,7 +139,9 @@ class Objective:
         self.trial_dir = output_dir / "trials"
         self.eval_calls = 0
         self.failures = 0
-        self._screened: dict[str, tuple[Path, dict, float]] = {}  # config json -> (built file, refinements, SQNR)
+        #: config json -> (built file, refinements, SQNR, measured latencies or None)
+        self._screened: dict[str, tuple[Path, dict, float | None, dict | None]] = {}
+        self._screened_latency: dict[str, dict] = {}  # trial file -> latencies measured when it was screened
         #: set by the search loop when a timeout applies: True once a running trial should give up
         self.should_stop: Callable[[], bool] | None = None
         #: trials autoquant.repair already tried to repair in this process (not to rebuild its ladders)
@@ -191,12 +195,14 @@ class Objective:
         if info is not None and info[0].exists():  # built (and SQNR-scored) when the starting points were screened
             os.replace(info[0], path)
             refinements, sqnr = info[1], info[2]
+            if info[3] is not None:
+                self._screened_latency[str(path)] = info[3]
         else:
             refinements, sqnr = self._build(config, src, fallback, mixed, path), None
         t_build = time.perf_counter() - t_build
         sha, size = sha256_file(path), path.stat().st_size
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
-                                   "float_nodes": fallback, "a16_nodes": list(mixed.a16_nodes),
+                                   "float_nodes": fallback, "float_why": self._float_why(config, src, fallback), "a16_nodes": list(mixed.a16_nodes),
                                    "w4_nodes": list(mixed.w4_nodes), "variant": variant, "build_seconds": t_build,
                                    **refinements, **self._costs(path, src, config, fallback, mixed, variant)}
         reused = self._identical_completed_trial(trial, sha)
@@ -232,9 +238,20 @@ class Objective:
         trial.set_user_attr("feasible", self.scoring.feasible(accuracy))
         trial.set_user_attr("size_bytes", size)
         trial.set_constraint("accuracy_drop", drop - self.scoring.allowed_drop)
+        # speed as a second constraint (values <= 0 are feasible): the sampler learns to avoid configs slower
+        # than fp32, and the delivery rule prefers models that meet both (autoquant.select)
+        ratio = self.latency.ratio(details) if self.latency is not None else None
+        trial.set_constraint("latency_ratio", (float(ratio) - NOT_SLOWER_THAN_FP32) if ratio is not None else 0.0)
         details["overhead_seconds"] = time.perf_counter() - t0 - t_eval
         trial.set_user_attr(DETAILS, details)
-        return accuracy, float(size if self.objective == "size" else details[OBJECTIVES[self.objective]])
+        return accuracy, float(size if self.objective == "size" else details[self._objective_key])
+
+    @property
+    def _objective_key(self) -> str:
+        """Detail key of the second objective (latency: the threading the delivery rule uses)."""
+        if self.objective == "latency" and self.latency is not None:
+            return self.latency.ms_key
+        return OBJECTIVES[self.objective]
 
     def _build(self, config: dict, src: Source, fallback: list[str], mixed: MixedPrecision, path: Path) -> dict:
         """Build the QDQ model at ``path`` and check that ORT loads it; returns the refinements applied."""
@@ -255,14 +272,13 @@ class Objective:
             raise TrialFailed(f"onnxruntime cannot load the built model: {exc}") from None
         return dict(info.refinements)
 
-    def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], float | None]]:
-        """Build each starting point and score its output SQNR (no user eval). Order: fully quantized
-        points first, then the rescue points (nodes float / 16-bit; dynamic quantization of a model with
-        convolutions), each group highest SQNR first, so the first full evals go to the cheap configs most
-        likely to be feasible. Built files are kept for the trials that run these configs. Points that fail to build
-        go last (their trial records the failure)."""
+    def screen(self, points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """Build each starting point, score its output SQNR and measure its latency (no user eval). Order: points
+        that build; among them those not slower than fp32 first; then fully quantized before rescue points
+        (nodes float / 16-bit); each group highest SQNR first. So the first full evals go to the fast configs
+        most likely to be feasible. Built files are kept for the trials that run these configs."""
         if self.pruner is None:
-            return [(label, params, None) for label, params in points]
+            return [(label, params, {}) for label, params in points]
         scored = []
         has_conv = functools.cache(lambda path: any(n.op_type in ("Conv", "ConvTranspose") for n in
                                                     onnx.load(str(path), load_external_data=False).graph.node))
@@ -272,19 +288,22 @@ class Objective:
             config = self.space.suggest(optuna.trial.FixedTrial(params), self.n_compute_nodes)
             src = self.sources[variant_of(config)]
             # rescue points: float / 16-bit nodes, and dynamic quantization where the model has convolutions
-            # (ORT CPU runs ConvInteger slower than static QDQ); for MatMul models (Transformers, whose
-            # ranges depend on the input) dynamic is a first-class point, ordered by its SQNR
+            # (ORT CPU runs ConvInteger slower than static QDQ); for MatMul models (Transformers) dynamic is a
+            # first-class point
             heavy = bool(config.get("fallback_k") or config.get("a16_k") or config.get("activation_bits", 8) > 8
                          or config.get("weight_bits", 8) > 8
                          or (config.get("mode") == "dynamic" and has_conv(src.path)))
             sqnr = self.screen_config(config, screen_dir / f"point-{i}.onnx")
-            scored.append((heavy, label, params, sqnr))
-        scored.sort(key=lambda p: (p[3] is None, p[0], -p[3] if p[3] is not None else 0.0))
-        return [(label, params, sqnr) for _, label, params, sqnr in scored]
+            ratio = self.screened_ratio(config)
+            slow = ratio is not None and ratio > NOT_SLOWER_THAN_FP32
+            attrs = {"screen_sqnr_db": sqnr, "screen_latency_ratio": ratio}
+            scored.append((sqnr is None, slow, heavy, -sqnr if sqnr is not None else 0.0, label, params, attrs))
+        scored.sort(key=lambda p: p[:4])
+        return [(label, params, attrs) for *_, label, params, attrs in scored]
 
     def screen_config(self, config: dict, path: Path) -> float | None:
-        """Build ``config`` at ``path`` and return its output SQNR (None when it does not build). The file
-        is kept for a trial that runs this config (see _run)."""
+        """Build ``config`` at ``path``, measure its latency (when a meter is set) and return its output SQNR
+        (None when it does not build). The file is kept for a trial that runs this config (see _run)."""
         src = self.sources[variant_of(config)]
         try:
             fallback, mixed = self._plan(config, src)
@@ -293,8 +312,14 @@ class Objective:
             path.unlink(missing_ok=True)
             return None
         sqnr = self.pruner.sqnr(path)
-        self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr)
+        latency = self.latency.measure(path) if self.latency is not None else None
+        self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr, latency)
         return sqnr
+
+    def screened_ratio(self, config: dict) -> float | None:
+        """The delivery rule's latency ratio of a screened build of ``config`` (None: not screened / measured)."""
+        info = self._screened.get(json.dumps(config, sort_keys=True))
+        return self.latency.ratio(info[3]) if info is not None and info[3] and self.latency else None
 
     def forget_screened(self, config: dict) -> None:
         """Drop a screened build no trial will run."""
@@ -308,13 +333,24 @@ class Objective:
         # rankings are measured on this variant: folding BN / CLE change what is sensitive
         fallback, a16, w4 = [], [], []
         if config["fallback_k"] or config.get("a16_k"):
-            order = [n for n in src.ranking("w8a8") if n not in src.always_float]
+            # only nodes the trial's scope quantizes: a node outside it is float already
+            order = [n for n in src.ranking("w8a8") if n not in src.always_float
+                     and in_scope(src.op_types.get(n, ""), config.get("quantize_ops"))]
             fallback = order[: config["fallback_k"]]
             a16 = order[config["fallback_k"]: config["fallback_k"] + config.get("a16_k", 0)]
         if config.get("w4_fraction"):
             weighted = [n for n in reversed(src.ranking("w4a8")) if n in src.macs and n not in fallback]
             w4 = weighted[: int(config["w4_fraction"] * len(weighted))]
         return fallback, MixedPrecision(tuple(a16), tuple(w4))
+
+    @staticmethod
+    def _float_why(config: dict, src: Source, fallback: list[str]) -> dict[str, str]:
+        """Why each node the trial's scope would quantize stays float (nodes outside the scope are float by
+        ``quantize_ops`` and not listed)."""
+        why = {n: f"fallback_k: sensitivity rank {i + 1} of the nodes in scope" for i, n in enumerate(fallback)}
+        in_trial_scope = {n: r for n, r in src.always_float.items()
+                          if in_scope(src.op_types.get(n, ""), config.get("quantize_ops"))}
+        return {**why, **in_trial_scope}
 
     def _check_high_precision(self, trial: optuna.Trial, config: dict, fallback: list[str], mixed: MixedPrecision,
                               src: Source) -> None:
@@ -353,8 +389,7 @@ class Objective:
         b = bops(src.macs, config, fallback, mixed.a16_nodes, mixed.w4_nodes)
         out: dict[str, Any] = {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
         if self.latency is not None:
-            ms, ratio = self.latency.measure(path)
-            out.update(latency_ms=ms, latency_ratio=ratio)
+            out.update(self._screened_latency.pop(str(path), None) or self.latency.measure(path))
         return out
 
     @staticmethod

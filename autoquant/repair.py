@@ -36,7 +36,10 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from .cost import NOT_SLOWER_THAN_FP32
 from .objective import DETAILS, NO_PRUNE, Objective
+from .scope import NARROWING
+from .select import COMPRESSED, not_slower_than_fp32
 
 #: aim the repaired trial at this share of the allowed drop (a margin for the SQNR -> accuracy model)
 TARGET_SHARE = 0.7
@@ -44,9 +47,10 @@ TARGET_SHARE = 0.7
 REPAIR_OF = "repair_of"
 TRIM_OF = "trim_of"
 REPAIR_KNOB = "repair_knob"
-#: precision ladders, tried in this order: float fallback first (ORT CPU runs float nodes at full speed,
-#: 16-bit activation nodes through extra Q/DQ work)
-LADDERS = (("fallback_k", "most sensitive nodes in float"), ("a16_k", "next most sensitive nodes at 16-bit activations"))
+#: precision ladders, tried in this order: a narrower scope first (fewer Q/DQ: more accurate and usually faster),
+#: then float fallback (ORT CPU runs float nodes at full speed), then 16-bit activations (extra Q/DQ work)
+LADDERS = (("quantize_ops", "narrower quantization scope"), ("fallback_k", "most sensitive nodes in float"),
+           ("a16_k", "next most sensitive nodes at 16-bit activations"))
 
 
 #: dB of output SQNR per decade of accuracy drop, before the study can fit it, and the fit's bounds
@@ -76,25 +80,51 @@ def required_sqnr(sqnr: float, drop: float, allowed: float, per_decade: float = 
 
 
 def ladder(domain, n_nodes: int, current: int) -> list[int]:
-    """The knob's values above ``current``: a list's values, or a range's powers of two (and its top),
-    never past the number of compute nodes (more would change nothing)."""
+    """The knob's values above ``current`` that the space's domain contains: a list's values, or a range's powers
+    of two (and its top). Steps past the number of nodes change nothing, so only the first value that reaches
+    ``n_nodes`` is kept; every value returned is legal for the domain (a model with 15 nodes and the list
+    0, 1, 2, 4, 8, 16, 32 gets 16, never 15)."""
     if domain is None or domain.fixed:
         return []
     if domain.values is not None:
         values = sorted(int(v) for v in domain.values)
     else:
-        top = min(int(domain.high), n_nodes)
+        top = min(int(domain.high), max(n_nodes, int(domain.low)))
         values = sorted({*(2 ** i for i in range(max(top, 1).bit_length())), top})
         values = [v for v in values if domain.low <= v <= top]
-    capped = sorted({min(v, n_nodes) for v in values})
-    return [v for v in capped if v > current]
+    reach = [v for v in values if v >= n_nodes]
+    values = [v for v in values if v < n_nodes] + reach[:1]
+    return [v for v in values if v > current]
+
+
+def scope_ladder(domain, current) -> list[str]:
+    """quantize_ops values of the space narrower than ``current`` (autoquant.scope.NARROWING): fewer op types
+    quantized, more arithmetic float; usually more accurate and, on ORT CPU, often faster."""
+    if domain is None or domain.fixed or current not in NARROWING or domain.values is None:
+        return []
+    return [v for v in NARROWING[NARROWING.index(current) + 1:] if v in domain.values]
+
+
+def _fast(study: optuna.Study, objective: Objective, t) -> bool:
+    """Deliverable as fast: not slower than fp32 and compressed, as the delivery rule judges it
+    (autoquant.select.not_slower_than_fp32; always True without a latency meter)."""
+    return objective.latency is None or not_slower_than_fp32(t, objective.latency.threading,
+                                                             int(study.user_attrs.get("fp32_size_bytes", 0)))
 
 
 def _most_accurate(study: optuna.Study, objective: Objective) -> optuna.trial.FrozenTrial | None:
+    """The trial to repair: None once a feasible trial is not slower than fp32 (nothing to repair). Else the
+    most accurate trial among those not slower than fp32 (a repair keeps what makes it fast), or among all
+    when none is."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete or any(t.user_attrs.get("feasible") for t in complete):
+    if not complete or any(t.user_attrs.get("feasible") and _fast(study, objective, t) for t in complete):
         return None
-    return min(complete, key=lambda t: (objective.scoring.drop(t.user_attrs["accuracy"]), t.number))
+    candidates = [t for t in complete if _fast(study, objective, t) and not t.user_attrs.get("feasible")]
+    if not candidates:
+        if any(t.user_attrs.get("feasible") for t in complete):
+            return None  # feasible but slower, and nothing fast to repair: raising precision makes it no faster
+        candidates = complete
+    return min(candidates, key=lambda t: (objective.scoring.drop(t.user_attrs["accuracy"]), t.number))
 
 
 def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
@@ -131,20 +161,29 @@ def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[s
     need = required_sqnr(sqnr, drop, allowed, per_decade)
     screen_dir = objective.trial_dir / "screen"
     screen_dir.mkdir(parents=True, exist_ok=True)
+    keep_fast = objective.latency is not None and _fast(study, objective, best)
     for knob, what in LADDERS:
         if knob not in best.params:  # fixed by the space, or not active for this config (a16_k: 8-bit acts only)
             continue
-        steps = ladder(objective.space.domains.get(knob), objective.n_compute_nodes, int(best.params[knob]))
+        if knob == "quantize_ops":
+            steps = scope_ladder(objective.space.domains.get(knob), best.params[knob])
+        else:
+            steps = ladder(objective.space.domains.get(knob), objective.n_compute_nodes, int(best.params[knob]))
         if not steps:
             continue
-        found = _bisect(objective, best, knob, steps, need, screen_dir)
+        found = _bisect(objective, best, knob, steps, need, screen_dir, keep_fast,
+                        int(study.user_attrs.get("fp32_size_bytes", 0)))
         if found is None or found[1] <= sqnr:
             continue  # this ladder does not raise the SQNR: try the next one
         k, got, params = found
-        label = (f"repair of trial {best.number}: its {k} {what} (screened SQNR {got:.1f} dB; "
+        label = (f"repair of trial {best.number}: {_step_words(knob, k, what)} (screened SQNR {got:.1f} dB; "
                  f"{need:.1f} dB estimated for drop <= {TARGET_SHARE:g} x allowed at {per_decade:.0f} dB/decade)")
         return label, params, {REPAIR_OF: best.number, REPAIR_KNOB: knob, "screen_sqnr_db": got}
     return None
+
+
+def _step_words(knob: str, value, what: str) -> str:
+    return f"quantize_ops={value}" if knob == "quantize_ops" else f"its {value} {what}"
 
 
 def _trim_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
@@ -157,6 +196,8 @@ def _trim_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[st
                and t.user_attrs.get("feasible")]
     for rep in reversed(repairs):
         knob = rep.user_attrs[REPAIR_KNOB]
+        if knob == "quantize_ops":
+            continue  # a scope is not trimmed: the narrower one is both the more accurate and the faster
         family = _without(rep.params, knob)
         feasible: dict[int, bool] = {}  # step -> feasible (PRUNED: judged hopeless = not feasible)
         for t in trials:
@@ -183,9 +224,11 @@ def _without(params: dict[str, Any], knob: str) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != knob}
 
 
-def _bisect(objective: Objective, best, knob: str, steps: list[int], need: float, screen_dir):
-    """Smallest step whose screened SQNR reaches ``need`` (SQNR grows with k), else the top step:
-    (k, SQNR, params), or None when no step builds. Builds of steps not chosen are deleted."""
+def _bisect(objective: Objective, best, knob: str, steps: list, need: float, screen_dir, keep_fast: bool = False,
+            fp32_size: int = 0):
+    """Smallest step whose screened SQNR reaches ``need`` (SQNR grows along the ladder), else the top step:
+    (step, SQNR, params), or None when no step builds. With ``keep_fast`` a step must also screen at fp32's
+    latency or below and stay a compression (the repaired model must stay deliverable as fast). Builds of steps not chosen are deleted."""
     scored: dict[int, tuple[float | None, dict, dict]] = {}
 
     def screen(i: int) -> float | None:
@@ -196,9 +239,15 @@ def _bisect(objective: Objective, best, knob: str, steps: list[int], need: float
             scored[i] = (objective.screen_config(config, path), params, config)
         return scored[i][0]
 
+    def fast(i: int) -> bool:
+        ratio = objective.screened_ratio(scored[i][2])
+        path = screen_dir / f"repair-{best.number}-{knob}-{steps[i]}.onnx"
+        small = fp32_size <= 0 or not path.exists() or path.stat().st_size <= COMPRESSED * fp32_size
+        return not keep_fast or ((ratio is None or ratio <= NOT_SLOWER_THAN_FP32) and small)
+
     def reaches(i: int) -> bool:
         got = screen(i)
-        return got is not None and got >= need  # None: the step does not build
+        return got is not None and got >= need and fast(i)  # None: the step does not build
 
     top = len(steps) - 1
     chosen = top

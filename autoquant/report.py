@@ -12,7 +12,8 @@ from .objective import DETAILS
 from .select import pareto_front
 from .space import KNOBS
 
-METRICS = ["accuracy", "drop", "feasible", "size_bytes", "size_ratio", "latency_ms", "latency_ratio", "bops_ratio",
+METRICS = ["accuracy", "drop", "feasible", "size_bytes", "size_ratio", "latency_ms", "latency_ratio",
+           "latency_ratio_default_threads", "bops_ratio",
            "n_float_nodes", "eval_seconds", "overhead_seconds"]
 
 
@@ -44,14 +45,17 @@ def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better
             "accuracy": a.get("accuracy"), "drop": a.get("drop"), "feasible": a.get("feasible"),
             "size_bytes": a.get("size_bytes"),
             "size_ratio": (a["size_bytes"] / fp32_size) if fp32_size and "size_bytes" in a else None,
-            "latency_ms": d.get("latency_ms"), "latency_ratio": d.get("latency_ratio"), "bops_ratio": d.get("bops_ratio"),
+            "latency_ms": d.get("latency_ms"), "latency_ratio": d.get("latency_ratio"),
+            "latency_ratio_default_threads": d.get("latency_ratio_default_threads"), "bops_ratio": d.get("bops_ratio"),
             "n_float_nodes": len(d["float_nodes"]) if "float_nodes" in d else None,
+            "float_nodes": "; ".join(f"{n} ({why})" for n, why in d.get("float_why", {}).items()) or None,
             "eval_seconds": d.get("eval_seconds"), "overhead_seconds": d.get("overhead_seconds"),
             "reused_from": d.get("reused_from"), "model_file": d.get("model_file"),
             "fail_reason": a.get("fail_reason"),
         })
         rows.append(row)
-    cols = ["trial", "state", "pareto", "delivered", *KNOBS, *METRICS, "reused_from", "model_file", "fail_reason"]
+    cols = ["trial", "state", "pareto", "delivered", *KNOBS, *METRICS, "float_nodes", "reused_from", "model_file",
+            "fail_reason"]
     df = pd.DataFrame(rows, columns=cols)
     if not all_trials and len(df):
         df = df.sort_values(["size_bytes", "accuracy"], ascending=[True, not higher_is_better]).reset_index(drop=True)

@@ -31,13 +31,14 @@ class OptimizeResult:
     float_nodes: list[str] = field(default_factory=list)
     preparation: dict[str, Any] = field(default_factory=dict)  # steps, quantizable count, nodes kept float + why
     latency_ratio: float | None = None  # ORT CPU latency / fp32 latency, 1 thread, measured in the same process
-    #: the same ratio with ONNX Runtime's default threading (all cores), measured for the delivered model
-    latency_ratio_default_threads: float | None = None
+    latency_ratio_default_threads: float | None = None  # the same with ONNX Runtime's default threading
     bops_ratio: float | None = None  # bit operations / fp32 bit operations
     export_path: str | None = None  # the target runtime's file (TensorRT cache, ncnn table), when a target asks
     #: wall seconds of this call's stages: preparation_and_statistics, fp32_eval, sensitivity, screening, trials,
     #: total (a stage found in the cache or study, or skipped, is short or absent)
     timings: dict[str, float] = field(default_factory=dict)
+    #: what the user must know about the delivered model (infeasible; slower than fp32, with the ratio)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def size_ratio(self) -> float:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from optuna.trial import FrozenTrial
 
+from .cost import MS_KEY, NOT_SLOWER_THAN_FP32, RATIO_KEY
+from .objective import DETAILS
+
 SELECT_MODES = ("smallest", "most_accurate", "fastest", "fewest_bops")
-_METRIC = {"smallest": "size_bytes", "fastest": "latency_ms", "fewest_bops": "bops"}
+_METRIC = {"smallest": "size_bytes", "fewest_bops": "bops"}
 
 
 def _metric(t: FrozenTrial, select: str) -> float:
     key = _METRIC[select]
-    value = t.user_attrs.get(key, t.user_attrs.get("details", {}).get(key))
+    value = t.user_attrs.get(key, t.user_attrs.get(DETAILS, {}).get(key))
     return float("inf") if value is None else float(value)
 
 
@@ -19,50 +22,56 @@ def _goodness(t: FrozenTrial, higher_is_better: bool) -> float:
     return a if higher_is_better else -a
 
 
-#: a trial counts as faster than fp32 when its interleaved latency ratio is at most this (a margin
-#: against timing noise: a nearly-float model measuring 0.98 is not "faster") ...
-FASTER_THAN_FP32 = 0.95
-#: ... and it does at most this fraction of fp32's bit operations: a mostly-float model (most nodes
-#: kept float) runs at fp32 speed, and on a loaded machine noise alone can time it at 0.92
-MOSTLY_QUANTIZED = 0.5
+#: the fast band: a model whose latency ratio is within max(NEAR_FASTEST x r, r + NEAR_FASTEST_ABS) of the fastest
+#: feasible model's r counts as "as fast" (timing noise, and a user does not trade 10 % of latency for a few
+#: bytes); among those the smallest is delivered
+NEAR_FASTEST = 1.1
+NEAR_FASTEST_ABS = 0.05
 
 
-#: second choice: not slower than fp32 beyond timing noise, and a real compression (file at most this
-#: fraction of fp32's) - e.g. a model whose most sensitive (and heaviest) layers stay float. Preferred
-#: to a smaller model that runs at twice fp32's latency (ORT CPU's ConvInteger, 16-bit activations).
-NOT_SLOWER_THAN_FP32 = 1.05
+def latency_ratio(t: FrozenTrial, threading: str = "default") -> float | None:
+    """A trial's latency / fp32's, measured as ``threading`` says (single-thread when that is all a trial
+    recorded)."""
+    d = t.user_attrs.get(DETAILS, {})
+    value = d.get(RATIO_KEY[threading], d.get("latency_ratio"))
+    return None if value is None else float(value)
+
+
+#: a model must also be a real compression to count as deliverable-fast: a file at most this fraction of fp32's
+#: (a mostly-float model with Q/DQ around it runs at fp32 speed too, and noise can time it below 1.0)
 COMPRESSED = 0.75
 
 
-def speed_tier(t: FrozenTrial, fp32_size: int | None = None) -> int:
-    """0: faster than fp32 (faster_than_fp32); 1: not slower and compressed (needs ``fp32_size``);
-    2: the rest (slower than fp32, not measured, or no smaller than fp32)."""
-    if faster_than_fp32(t):
-        return 0
-    ratio = t.user_attrs.get("details", {}).get("latency_ratio")
-    if fp32_size and ratio is not None and float(ratio) <= NOT_SLOWER_THAN_FP32 and \
-            t.user_attrs["size_bytes"] <= COMPRESSED * fp32_size:
-        return 1
-    return 2
+def not_slower_than_fp32(t: FrozenTrial, threading: str = "default", fp32_size: int | None = None) -> bool:
+    """Measured at fp32's latency or below (NOT_SLOWER_THAN_FP32) and, when ``fp32_size`` is known, a file at
+    most COMPRESSED of fp32's: the models the delivery rule prefers."""
+    ratio = latency_ratio(t, threading)
+    return ratio is not None and ratio <= NOT_SLOWER_THAN_FP32 and (
+        not fp32_size or t.user_attrs["size_bytes"] <= COMPRESSED * fp32_size)
 
 
-def faster_than_fp32(t: FrozenTrial) -> bool:
-    d = t.user_attrs.get("details", {})
-    ratio, bops = d.get("latency_ratio"), d.get("bops_ratio")
-    return (ratio is not None and float(ratio) <= FASTER_THAN_FP32
-            and (bops is None or float(bops) <= MOSTLY_QUANTIZED))
+def speed_tiers(feasible: list[FrozenTrial], threading: str = "default",
+                fp32_size: int | None = None) -> dict[int, int]:
+    """Trial number -> 0 (not_slower_than_fp32 and within the fast band of the fastest such model), 1
+    (not_slower_than_fp32, outside the band) or 2 (the rest: slower than fp32, not measured, or hardly smaller)."""
+    fast = [t for t in feasible if not_slower_than_fp32(t, threading, fp32_size)]
+    if not fast:
+        return {t.number: 2 for t in feasible}
+    best = min(latency_ratio(t, threading) for t in fast)
+    band = min(NOT_SLOWER_THAN_FP32, max(NEAR_FASTEST * best, best + NEAR_FASTEST_ABS))
+    ok = {t.number for t in fast}
+    return {t.number: (0 if latency_ratio(t, threading) <= band else 1) if t.number in ok else 2 for t in feasible}
 
 
 def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool,
-         fp32_size: int | None = None) -> list[FrozenTrial]:
+         fp32_size: int | None = None, threading: str = "default") -> list[FrozenTrial]:
     """Best first: feasible trials by ``select``; if none is feasible, the most accurate first.
 
-    "smallest" (the default) ranks by file size within speed tiers (speed_tier): first the feasible
-    trials measured faster than fp32 (latency ratio <= FASTER_THAN_FP32, bit operations <=
-    MOSTLY_QUANTIZED of fp32's), then those not slower than fp32 (<= NOT_SLOWER_THAN_FP32) with a file
-    at most COMPRESSED of fp32's, then the rest: a small model slower than float (e.g. 16-bit
-    activations on ORT CPU) is delivered only when no feasible model runs at fp32 speed or faster. The
-    ratio is measured interleaved with fp32 (cost.LatencyMeter), so load hits both alike.
+    "smallest" (the default) delivers a model not slower than fp32 whenever a feasible one exists: the
+    smallest feasible model among those within the fast band (NEAR_FASTEST) of the fastest feasible model
+    not slower than fp32, then the other feasible models not slower than fp32, smallest first, then the
+    slower ones (the result then carries a warning). Latency ratios are measured interleaved with fp32
+    (cost.LatencyMeter), so load hits both alike; ``threading`` says which ratio counts.
     """
     if select not in SELECT_MODES:
         raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
@@ -72,12 +81,22 @@ def rank(trials: list[FrozenTrial], select: str, higher_is_better: bool,
             key = lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number)  # noqa: E731
             return sorted(feasible, key=key)
         if select == "smallest":
-            key = lambda t: (speed_tier(t, fp32_size), _metric(t, select),  # noqa: E731
+            tiers = speed_tiers(feasible, threading, fp32_size)
+            key = lambda t: (tiers[t.number], _metric(t, select),  # noqa: E731
                              -_goodness(t, higher_is_better), t.number)
+            return sorted(feasible, key=key)
+        if select == "fastest":  # the latency objective's own number (ms, at the delivery rule's threading)
+            key = lambda t: (_latency_ms(t, threading), -_goodness(t, higher_is_better), t.number)  # noqa: E731
             return sorted(feasible, key=key)
         key = lambda t: (_metric(t, select), -_goodness(t, higher_is_better), t.number)  # noqa: E731
         return sorted(feasible, key=key)
     return sorted(trials, key=lambda t: (-_goodness(t, higher_is_better), t.user_attrs["size_bytes"], t.number))
+
+
+def _latency_ms(t: FrozenTrial, threading: str) -> float:
+    d = t.user_attrs.get(DETAILS, {})
+    value = d.get(MS_KEY[threading], d.get("latency_ms"))
+    return float("inf") if value is None else float(value)
 
 
 def pareto_front(trials: list[FrozenTrial], higher_is_better: bool) -> list[FrozenTrial]:

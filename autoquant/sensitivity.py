@@ -37,6 +37,7 @@ from .build import RangeCache, build_qdq_model, source_for
 from .stats import Statistics
 
 BASELINE = {
+    "quantize_ops": "all",  # every node a scope can quantize is measured; a trial ranks those in its scope
     "calibration": "minmax", "percentile": None, "weight_granularity": "per_tensor", "weight_symmetric": True,
     "activation_symmetric": False, "weight_bits": 8, "activation_bits": 8, "weight_rounding": "nearest_even",
     "fallback_k": 0,

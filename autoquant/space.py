@@ -15,6 +15,7 @@ from typing import Any, Callable
 import optuna
 import yaml
 
+from . import scope
 from .errors import SearchSpaceError
 from .observers import OBSERVERS
 
@@ -31,6 +32,10 @@ class Knob:
 KNOBS: dict[str, Knob] = {
     "mode": Knob("choice", "static", ("static", "dynamic", "weight_only"),
                  doc="static QDQ; dynamic (ORT quantize_dynamic); weight_only (float activations)"),
+    # not ORT's default ("all"): quantizing elementwise arithmetic is the common cause of both accuracy loss
+    # and slow models (autoquant.scope); a space that drops the knob gets the fast recipe
+    "quantize_ops": Knob("choice", "compute", tuple(scope.SCOPES),
+                         doc="op types that get Q/DQ: compute, compute_and_movement, all, or an op-type list"),
     "calibration": Knob("choice", "minmax", tuple(OBSERVERS), doc="activation range method"),
     "percentile": Knob("float", 99.999, bounds=(90.0, 100.0), doc="percentile of |x| (calibration=percentile)"),
     "weight_granularity": Knob("choice", "per_tensor", ("per_tensor", "per_channel")),
@@ -51,6 +56,7 @@ KNOBS: dict[str, Knob] = {
 #: Optuna does not sample them then, so its model of the space stays honest.
 _STATIC = (lambda c: c["mode"] == "static")
 CONDITIONAL: dict[str, tuple[Callable[[dict], bool], Any]] = {
+    "quantize_ops": (_STATIC, None),  # dynamic / weight-only quantize weights of their own op types
     "calibration": (_STATIC, "minmax"),  # activation knobs: only static quantization has activation ranges
     "percentile": (lambda c: c["mode"] == "static" and c["calibration"] == "percentile", None),
     "activation_symmetric": (_STATIC, False),
@@ -66,13 +72,20 @@ CONDITIONAL: dict[str, tuple[Callable[[dict], bool], Any]] = {
 #: Common configurations tried first (projected into the space; knobs a space fixes keep its value),
 #: so a feasible model is usually found within the first few evals.
 STARTING_POINTS: list[tuple[str, dict[str, Any]]] = [
-    ("onnxruntime defaults: minmax, per-tensor, int8, no fallback", {}),
-    ("tensorrt-style: symmetric per-channel weights, symmetric entropy activations",
-     {"weight_granularity": "per_channel", "activation_symmetric": True, "calibration": "entropy"}),
-    ("per-channel weights, percentile activations",
-     {"weight_granularity": "per_channel", "calibration": "percentile", "percentile": 99.99}),
-    ("sensitivity-guided: the 2 most sensitive nodes in float", {"weight_granularity": "per_channel", "fallback_k": 2}),
-    ("cross-layer equalization, per-channel", {"weight_granularity": "per_channel", "cle": True}),
+    ("onnxruntime defaults: every op type ORT quantizes, minmax, per-tensor, int8, no fallback",
+     {"quantize_ops": "all"}),
+    ("compute-only int8 (Conv / MatMul / Gemm / Gather), per-channel weights: the fast ORT CPU recipe",
+     {"quantize_ops": "compute", "weight_granularity": "per_channel"}),
+    ("tensorrt-style: compute ops, symmetric per-channel weights, symmetric entropy activations",
+     {"quantize_ops": "compute", "weight_granularity": "per_channel", "activation_symmetric": True,
+      "calibration": "entropy"}),
+    ("compute and data-movement ops in int8, per-channel weights, percentile activations",
+     {"quantize_ops": "compute_and_movement", "weight_granularity": "per_channel", "calibration": "percentile",
+      "percentile": 99.99}),
+    ("sensitivity-guided: compute ops, the 2 most sensitive nodes in float",
+     {"quantize_ops": "compute", "weight_granularity": "per_channel", "fallback_k": 2}),
+    ("cross-layer equalization, compute ops, per-channel",
+     {"quantize_ops": "compute", "weight_granularity": "per_channel", "cle": True}),
     ("onnxruntime dynamic quantization (Transformer / LSTM style): per-channel int8 weights",
      {"mode": "dynamic", "weight_granularity": "per_channel"}),
 ]
@@ -127,7 +140,12 @@ def _domain(space_name: str, key: str, spec: Any) -> Domain:
         raise _err(space_name, f"knob {key!r} has an empty list; give at least one value or drop the knob")
     out = []
     for v in values:
-        if knob.kind == "choice":
+        if key == "quantize_ops":  # a scope name or an op-type list (autoquant.scope)
+            try:
+                v = scope.normalize(v)
+            except ValueError as exc:
+                raise _err(space_name, f"knob 'quantize_ops': {exc}") from None
+        elif knob.kind == "choice":
             if v not in knob.allowed or isinstance(v, bool) != isinstance(knob.allowed[0], bool):
                 raise _err(space_name, f"knob {key!r}: value {v!r} is not allowed; allowed values: {list(knob.allowed)}")
         else:

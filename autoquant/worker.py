@@ -60,4 +60,5 @@ def run_worker(storage: str, study_name: str, n_trials: int | None = None, timeo
         eval_timeout=launch.get("eval_timeout"), objective=attrs.get("objective", "size"),
         measure_latency=launch.get("measure_latency", True), prune=launch.get("prune", True),
         max_high_precision_fraction=launch.get("max_high_precision_fraction"),
+        latency_threading=launch.get("latency_threading", "default"),
     )

@@ -7,7 +7,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autoquant import optimize
-from autoquant.repair import DEFAULT_DB_PER_DECADE, REPAIR_OF, TARGET_SHARE, TRIM_OF, db_per_decade, ladder, required_sqnr
+from autoquant.repair import (DEFAULT_DB_PER_DECADE, REPAIR_OF, TARGET_SHARE, TRIM_OF, db_per_decade, ladder, required_sqnr,
+                              scope_ladder)
 from autoquant.space import Domain
 
 BASE = {"calibration": "minmax", "weight_bits": 8, "activation_bits": 8, "weight_granularity": "per_tensor",
@@ -29,11 +30,23 @@ def run(demo, tmp_path, space, **kw):
 
 
 def test_ladder_steps_above_the_current_value():
-    assert ladder(Domain(values=(0, 1, 2, 4, 8, 16, 32)), n_nodes=10, current=1) == [2, 4, 8, 10]
+    # only values of the space (a FixedTrial with 10 would fail): 16 is the first step that reaches all 10 nodes
+    assert ladder(Domain(values=(0, 1, 2, 4, 8, 16, 32)), n_nodes=10, current=1) == [2, 4, 8, 16]
+    assert ladder(Domain(values=(0, 1, 2, 4, 8, 16, 32)), n_nodes=15, current=8) == [16]
+    assert ladder(Domain(values=(0, 1, 2, 4, 8, 16, 32)), n_nodes=1, current=0) == [1]
+    assert ladder(Domain(values=(0, 4)), n_nodes=1, current=0) == [4]
     assert ladder(Domain(low=0, high=20), n_nodes=100, current=0) == [1, 2, 4, 8, 16, 20]
     assert ladder(Domain(low=0, high=20), n_nodes=5, current=2) == [4, 5]
     assert ladder(Domain(values=(3,)), n_nodes=10, current=0) == []  # fixed by the space
     assert ladder(None, n_nodes=10, current=0) == []
+
+
+def test_scope_ladder_narrows_within_the_space():
+    dom = Domain(values=("compute", "compute_and_movement", "all"))
+    assert scope_ladder(dom, "all") == ["compute_and_movement", "compute"]
+    assert scope_ladder(dom, "compute") == []
+    assert scope_ladder(Domain(values=("all", "compute")), "all") == ["compute"]
+    assert scope_ladder(Domain(values=("all", "Gather+MatMul")), "all") == []  # op lists are not on the ladder
 
 
 def test_required_sqnr_follows_the_noise_amplitude():

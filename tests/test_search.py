@@ -9,6 +9,7 @@ from onnx import TensorProto, numpy_helper
 from optuna.trial import TrialState
 
 from autoquant import optimize
+from autoquant.space import SearchSpace
 from autoquant.demo import DemoTask, build_demo_model
 
 BASE = {"calibration": "minmax", "weight_bits": 8, "activation_bits": 8, "weight_granularity": "per_tensor",
@@ -42,21 +43,22 @@ def test_sensitivity_ranks_a_broken_node_first(demo, tmp_path):
 
 
 def test_starting_points_run_first(demo, tmp_path):
-    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=7, output_dir=tmp_path / "o")
-    first = r.study.trials[:6]
+    n_points = len(SearchSpace.load("default").starting_points())
+    r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=n_points + 1,
+                       output_dir=tmp_path / "o")
+    first = r.study.trials[:n_points]
     labels = [t.user_attrs.get("enqueued") for t in first]
     assert all(labels) and any(lab.startswith("onnxruntime defaults") for lab in labels)
     trt = next(t for t in first if t.user_attrs["enqueued"].startswith("tensorrt-style"))
     assert trt.params["calibration"] == "entropy" and trt.params["weight_granularity"] == "per_channel"
-    # screened before any eval: highest output SQNR first, and each trial reuses its screened build
-    # fully static-quantized points first, then the rescue points (float nodes, dynamic quantization);
-    # each group highest SQNR first
+    # screened before any eval: points not slower than fp32 first, then fully static-quantized before the
+    # rescue points (float nodes), each group highest SQNR first; each trial reuses its screened build
     assert any(t.user_attrs["config"]["mode"] == "dynamic" for t in first)
-    heavy = [bool(t.user_attrs["config"]["fallback_k"]) or t.user_attrs["config"]["mode"] == "dynamic" for t in first]
-    assert heavy == sorted(heavy)
-    for group in (False, True):
-        screened = [t.user_attrs["screen_sqnr_db"] for t, h in zip(first, heavy) if h == group]
-        assert screened == sorted(screened, reverse=True)
+    key = [(t.user_attrs["screen_latency_ratio"] > 1.0,  # dynamic quantization of convolutions is a rescue point
+            bool(t.user_attrs["config"]["fallback_k"]) or t.user_attrs["config"]["mode"] == "dynamic",
+            -t.user_attrs["screen_sqnr_db"]) for t in first]
+    assert key == sorted(key)
+    assert {t.user_attrs["config"]["quantize_ops"] for t in first} >= {"all", "compute", "compute_and_movement"}
     for t in first:
         if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs["details"]:
             assert t.user_attrs["details"]["sqnr_db"] == pytest.approx(t.user_attrs["screen_sqnr_db"])
@@ -174,7 +176,7 @@ def test_mixed_precision_reaches_the_model(demo, tmp_path):
 
 def test_stop_when_feasible(demo, tmp_path):
     r = quiet_optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, n_trials=20,
-                       output_dir=tmp_path / "o", stop_when_feasible=True)
+                       output_dir=tmp_path / "o", stop_when_feasible=True, measure_latency=False)
     done = [t for t in r.study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     assert r.feasible and len(feasible) == 1 and feasible[0].number == max(t.number for t in done)
