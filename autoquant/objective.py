@@ -370,7 +370,8 @@ class Objective:
         if trial.user_attrs.get(NO_PRUNE):
             return
         cost = float(path.stat().st_size if self.objective == "size" else details[OBJECTIVES[self.objective]])
-        reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"], cost)
+        read = self.latency.ratio if self.latency is not None else None  # a slower feasible trial dominates nothing
+        reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"], cost, read, read(details) if read else None)
         if reason is None:
             try:
                 reason, details["subset_score"] = self.pruner.subset_verdict(path)

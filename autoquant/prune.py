@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from .cost import NOT_SLOWER_THAN_FP32
 from .sensitivity import run_outputs, session, sqnr_db
 
 SQNR_FEEDS = 2
@@ -35,12 +36,15 @@ class Pruner:
     def sqnr(self, path: Path) -> float:
         return sqnr_db(self.reference, run_outputs(session(path), self.samples))
 
-    def sqnr_verdict(self, study: optuna.Study, sqnr: float, cost: float | None = None) -> str | None:
+    def sqnr_verdict(self, study: optuna.Study, sqnr: float, cost: float | None = None,
+                     latency: Callable[[dict], float | None] | None = None, ratio: float | None = None) -> str | None:
         """Why a trial with this output SQNR (and this value of the second objective) is hopeless, or None.
 
         Hopeless: (a) its SQNR is more than ``margin_db`` below an infeasible trial's, and no trial at a
-        similar or lower SQNR was feasible; or (b) a feasible trial has an SQNR ``margin_db`` higher and
-        costs no more: this one would be less accurate and no cheaper, so it cannot join the Pareto front.
+        similar or lower SQNR was feasible; or (b) a feasible trial has an SQNR ``margin_db`` higher, costs
+        no more and is no slower (``latency`` reads a trial's latency ratio from its details; this trial's is
+        ``ratio``; anything at fp32 speed counts as fast enough): this one would be less accurate, no cheaper
+        and no faster, so it cannot join the Pareto front or be delivered.
         """
         if not self.enabled:
             return None
@@ -55,7 +59,8 @@ class Pruner:
         if cost is not None:
             for t in done:
                 s = t.user_attrs["details"]["sqnr_db"]
-                if t.user_attrs["feasible"] and s >= sqnr + self.margin_db and t.values[1] <= cost:
+                if t.user_attrs["feasible"] and s >= sqnr + self.margin_db and t.values[1] <= cost and \
+                        _no_slower(latency(t.user_attrs["details"]) if latency else None, ratio):
                     return (f"dominated: feasible trial {t.number} has {s - sqnr:.1f} dB more output SQNR "
                             f"and costs no more ({t.values[1]:.6g} <= {cost:.6g})")
         return None
@@ -70,3 +75,9 @@ class Pruner:
         if self.enabled and d > 2 * self.subset_scoring.allowed_drop + 1e-12:
             return f"drop {d:.4g} on the eval subset exceeds twice the allowed drop", value
         return None, value
+
+
+def _no_slower(other: float | None, ratio: float | None) -> bool:
+    """Is a trial at latency ratio ``other`` no slower than one at ``ratio`` (fp32 speed counts as fast
+    enough: the delivery rule does not tell such models apart by speed)? Unknown ratios: yes."""
+    return other is None or ratio is None or other <= max(ratio, NOT_SLOWER_THAN_FP32)

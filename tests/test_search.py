@@ -212,6 +212,9 @@ def test_sqnr_pruner_verdicts_on_a_real_study(prepared_demo, tmp_path):
     assert "dominated" in pruner.sqnr_verdict(study, 20.0, 100.0)
     assert pruner.sqnr_verdict(study, 20.0, 60.0) is None  # smaller: may be a new Pareto point
     assert pruner.sqnr_verdict(study, 28.0, 120.0) is None  # within the margin
+    # a trial faster than the feasible one (which is slower than fp32) is not dominated by it
+    assert pruner.sqnr_verdict(study, 20.0, 100.0, latency=lambda d: 2.5, ratio=0.5) is None
+    assert "dominated" in pruner.sqnr_verdict(study, 20.0, 100.0, latency=lambda d: 0.9, ratio=0.5)
     add(15.0, False, 50.0)
     assert "below an infeasible" in pruner.sqnr_verdict(study, 10.0, 40.0)
     assert pruner.sqnr_verdict(study, 14.0, 40.0) is None
