@@ -45,7 +45,8 @@ from .result import OptimizeResult
 from .select import COMPRESSED, SELECT_MODES, latency_ratio, not_slower_than_fp32, rank
 from .sensitivity import PRECISIONS, measure_sensitivity, rank_nodes
 from .space import KNOBS, SearchSpace, preset_names
-from .study import DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, open_storage, recover_stale_trials
+from .study import (DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, file_lock, open_storage,
+                    recover_stale_trials, trial_folder)
 
 _log = logging.getLogger("autoquant")
 DELIVERED_MODEL = "quantized.onnx"
@@ -140,43 +141,32 @@ def _check_output_dir(output_dir: Path) -> None:
             raise OutputDirError(f"output_dir {output_dir} is not writable: {exc}") from None
 
 
-@contextlib.contextmanager
-def _stage_lock(out: Path):
-    """An exclusive file lock per output_dir on this machine (workers on other machines that share the
-    folder compute identical statistics and write them atomically).
+#: what optimize() writes at the top of output_dir (besides cache/, whose files it only adds) and trials/
+OUTPUT_NAMES = ("quantized.", "report.csv", "pareto.png", "result.json", "autoquant.json", "study.db")
 
-    The lock file lives in the temp dir (output_dir must not be created before the inputs are known to be
-    good) and is deleted on release, by its holder, before unlocking. A waiter may thus lock a file that was
-    unlinked meanwhile: it then retries on whatever file the path now names, so exactly one process holds
-    the lock on the current file at any time.
-    """
-    import fcntl
 
-    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"autoquant-{key}.lock"
-    while True:
-        f = open(path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            held = os.fstat(f.fileno())
-            current = os.stat(path)
-        except FileNotFoundError:  # unlinked by the previous holder after we opened it
-            f.close()
-            continue
-        except BaseException:
-            f.close()
-            raise
-        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
-            break
-        f.close()  # the path names a newer file now: lock that one
+def _check_inputs_outside_outputs(model, out: Path) -> None:
+    """Refuse a model file that a deliverable would overwrite (``output_dir/quantized.onnx``, a trial file):
+    nothing the user has is ever lost. Files in ``cache/`` are autoquant's own copies (a worker reads the
+    fp32 copy there) and are never rewritten."""
+    if not isinstance(model, (str, os.PathLike)):
+        return
+    path, root = Path(model).resolve(), out.resolve()
     try:
-        yield
-    finally:
-        try:
-            with contextlib.suppress(OSError):  # e.g. another user's file in a sticky /tmp: it just stays
-                path.unlink(missing_ok=True)  # while still holding the lock (see the docstring)
-        finally:
-            f.close()  # closing releases the flock
+        rel = path.relative_to(root)
+    except ValueError:
+        return
+    top = rel.parts[0]
+    if top == "trials" or (len(rel.parts) == 1 and top.startswith(OUTPUT_NAMES)):
+        raise OutputDirError(f"the model {model} is inside output_dir {out} where autoquant writes its outputs "
+                             f"({rel} would be overwritten); move the model or pass another output_dir")
+
+
+def _stage_lock(out: Path):
+    """An exclusive lock per output_dir on this machine (workers on other machines that share the folder
+    compute identical statistics and write them atomically). Its file lives in the temp dir: output_dir must
+    not be created before the inputs are known to be good."""
+    return file_lock(str(out.resolve()))
 
 
 def _check_same_settings(name: str, attrs: dict, settings: dict) -> None:
@@ -354,6 +344,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     model_sha = sha256_bytes(model_bytes)
     out = Path(output_dir)
     _check_output_dir(out)
+    _check_inputs_outside_outputs(model, out)
     remove_stale_tmp(out)  # half-written temp files of a killed earlier run
     user_storage = open_storage(storage, out) if storage is not None else None  # fail fast on a bad URL
     cache_dir = out / "cache"
@@ -412,7 +403,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             with _timed(timings, "sensitivity"):
                 sources[default].ranking("w8a8")
                 _record_sensitivity(study, sources[default])
-        recover_stale_trials(study, out / "trials", GRACE_FACTOR * heartbeat_interval)
+        trial_dir = trial_folder(out, name)
+        recover_stale_trials(study, trial_dir, GRACE_FACTOR * heartbeat_interval)
 
         scoring = Scoring(baseline, float(allowed_accuracy_drop), drop_type, higher_is_better)
         pruner = _pruner(study, prepared, statistics, scoring, eval_subset_callback, prune) if (
@@ -421,7 +413,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               pruner=pruner, max_high_precision_fraction=max_high_precision_fraction,
                               eval_callback=eval_callback, scoring=scoring,
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
-                              eval_timeout=eval_timeout, objective=objective,
+                              eval_timeout=eval_timeout, objective=objective, trial_dir=trial_dir,
                               latency=_latency_meter(fp32_path, statistics, latency_threading)
                               if measure_latency else None)
         with _stage_lock(out), _timed(timings, "screening"):  # workers starting together: one screens, enqueues

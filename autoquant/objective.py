@@ -38,7 +38,11 @@ def check_metric(value: Any, what: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TrialFailed(f"{what} returned {type(value).__name__} {value!r:.80}; it must return one finite number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        raise TrialFailed(f"{what} returned an integer too large for a float ({str(value)[:40]}...); it must "
+                          "return one finite number") from None
     if not math.isfinite(value):
         raise TrialFailed(f"{what} returned {value}; it must return a finite number")
     return value
@@ -129,14 +133,14 @@ class Objective:
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
                  heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
                  latency: SpeedMeter | None = None, pruner: Pruner | None = None,
-                 max_high_precision_fraction: float | None = None):
+                 max_high_precision_fraction: float | None = None, trial_dir: Path | None = None):
         self.space, self.sources, self.n_compute_nodes = space, sources, n_compute_nodes
         self.pruner, self.max_high_precision_fraction = pruner, max_high_precision_fraction
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
         self.n_trials, self.heartbeat_interval, self.eval_timeout = n_trials, heartbeat_interval, eval_timeout
         self.objective, self.latency = objective, latency
         self.fp32_bops = {v: 32 * 32 * float(sum(src.macs.values())) for v, src in sources.items()}
-        self.trial_dir = output_dir / "trials"
+        self.trial_dir = trial_dir or output_dir / "trials"  # the study's folder (autoquant.study.trial_folder)
         self.eval_calls = 0
         self.failures = 0
         #: config json -> (built file, refinements, SQNR, measured latencies or None)

@@ -8,6 +8,7 @@ for every storage: the owning process (host:pid) and a heartbeat time in the tri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,30 +38,91 @@ def owner_id() -> str:
 
 
 def open_storage(storage: str | BaseStorage | None, output_dir: Path) -> BaseStorage:
-    """The user's storage (URL or object), or SQLite at output_dir/study.db."""
+    """The user's storage (URL or object), or SQLite at output_dir/study.db. Every failure to open it (a
+    missing folder, a corrupt database or journal file, a bad URL) is a StorageError saying which."""
     if isinstance(storage, BaseStorage):
         return storage
     if storage is None:
         url = f"sqlite:///{(output_dir / 'study.db').resolve()}"
-        return _fast_sqlite(RDBStorage(url))
+        return _fast_sqlite(_rdb(url, f"the study database {output_dir / 'study.db'}"))
     if isinstance(storage, str) and storage.startswith(JOURNAL_SCHEME):
         path = Path("/" + storage[len(JOURNAL_SCHEME):].lstrip("/"))
         if not path.parent.is_dir():
             raise StorageError(f"journal storage {storage!r}: folder {path.parent} does not exist; create it first")
+        if path.is_dir():
+            raise StorageError(f"journal storage {storage!r}: {path} is a directory; name a file")
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except Exception as exc:  # a file that is not an Optuna journal (garbage, truncated mid-record)
+            raise StorageError(f"journal storage {storage!r} cannot be read: {type(exc).__name__}: "
+                               f"{str(exc)[:200]}; move the file away to start a new study") from None
     if isinstance(storage, str):
         url = storage
     else:
         raise StorageError(f"storage must be an Optuna storage URL or object, got {type(storage).__name__}")
+    return _rdb(url, f"Optuna storage {url!r}")
+
+
+def _rdb(url: str, what: str) -> RDBStorage:
+    """RDBStorage(url), with SQLite's schema creation serialised between processes of this machine (two
+    optimize() calls starting at once on one file raced to create the tables: IntegrityError)."""
+    sqlite_file = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
     try:
-        return RDBStorage(url)
+        if sqlite_file is None:
+            return RDBStorage(url)
+        if sqlite_file.is_dir():
+            raise StorageError(f"{what}: {sqlite_file} is a directory, not a database file; move it away")
+        with file_lock(f"sqlite-{sqlite_file.resolve()}"):
+            return RDBStorage(url)
+    except StorageError:
+        raise
     except Exception as exc:
         hint = ""
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).parent.exists():
+        if sqlite_file is not None and not sqlite_file.parent.exists():
             hint = " (the folder of the SQLite file does not exist; create it first)"
-        raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}{hint}") from None
+        elif sqlite_file is not None and sqlite_file.exists():
+            hint = " (the file is not a readable SQLite database: move it away to start a new study)"
+        raise StorageError(f"cannot open {what}: {type(exc).__name__}: {str(exc)[:200]}{hint}") from None
+
+
+@contextlib.contextmanager
+def file_lock(key: str):
+    """An exclusive lock between processes of this machine, on a file in the temp dir named by ``key``'s hash.
+
+    The file is deleted on release, by its holder, before unlocking. A waiter may thus lock a file that was
+    unlinked meanwhile: it then retries on whatever file the path now names, so exactly one process holds
+    the lock on the current file at any time.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"autoquant-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held = os.fstat(f.fileno())
+            current = os.stat(path)
+        except FileNotFoundError:  # unlinked by the previous holder after we opened it
+            f.close()
+            continue
+        except BaseException:
+            f.close()
+            raise
+        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            break
+        f.close()  # the path names a newer file now: lock that one
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(OSError):  # e.g. another user's file in a sticky /tmp: it just stays
+                path.unlink(missing_ok=True)  # while still holding the lock (see the docstring)
+        finally:
+            f.close()  # closing releases the flock
 
 
 def _fast_sqlite(storage: RDBStorage) -> RDBStorage:
@@ -178,6 +240,18 @@ def recover_stale_trials(study: optuna.Study, trial_dir: Path | None = None,
         _log.warning("study %s: trials %s were left RUNNING by a dead process; marked FAIL and re-queued",
                      study.study_name, recovered)
     return recovered
+
+
+def trial_folder(output_dir: Path, study_name: str) -> Path:
+    """Where a study's trial models live: one folder per study, so two studies (two models, or two spaces)
+    in one output_dir never write over each other's files."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", study_name)[:80]
+    if safe != study_name:  # keep distinct names distinct
+        safe += "-" + hashlib.sha256(study_name.encode()).hexdigest()[:8]
+    return output_dir / "trials" / safe
 
 
 def trial_file_name(number: int) -> str:

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from optuna.trial import TrialState
 
+from autoquant.study import trial_folder
 from autoquant import optimize
 from autoquant.demo import DemoTask
 from autoquant.errors import (AutoQuantError, CalibrationDataError, ConfigError, ModelError, NoCompletedTrialError,
@@ -446,7 +447,7 @@ MISBEHAVIOURS = [
 ]
 MISBEHAVIOUR_IDS = ["raises", "nan", "None", "str", "array3"]
 
-ALLOWED_AFTER_FAILED_STUDY = CACHE_FILES + (r"autoquant\.json", r"trials")
+ALLOWED_AFTER_FAILED_STUDY = CACHE_FILES + (r"autoquant\.json", r"trials", r"trials/autoquant-[0-9a-f]{12}")
 
 
 @pytest.mark.parametrize("bad, needles", MISBEHAVIOURS, ids=MISBEHAVIOUR_IDS)
@@ -455,7 +456,7 @@ def test_callback_failing_on_every_quantized_model(task, out, bad, needles):
     exc = expect(NoCompletedTrialError, ("no trial", "eval_callback") + needles,
                  **_kwargs(task, out, eval_callback=cb, n_trials=2))
     assert cb.paths[0] == str(task.model_path), "the first call must score the fp32 model"
-    assert len(cb.paths) >= 2 and all(Path(p).parent == out / "trials" for p in cb.paths[1:])
+    assert len(cb.paths) >= 2 and all(Path(p).parent.parent == out / "trials" for p in cb.paths[1:])
     # the study went on after the first failure (it did not stop at trial 0), and stopped eventually
     assert len(cb.paths) >= 3, f"only {len(cb.paths)} calls; the study stopped after the first failed trial: {exc}"
     assert_only_complete_files(out, ALLOWED_AFTER_FAILED_STUDY)  # no trial model, nothing delivered
@@ -520,7 +521,8 @@ def test_callback_failing_once_only_fails_that_trial(task, out, bad, needles):
     assert len(complete) == 2
     reason = failed[0].user_attrs.get("fail_reason", "")
     assert "eval_callback" in reason and all(n.lower() in reason.lower() for n in needles), reason
-    assert not (out / "trials" / "trial_00000.onnx").exists(), "the failed trial's model file was left behind"
+    assert not (trial_folder(out, result.study.study_name) / "trial_00000.onnx").exists(), \
+        "the failed trial's model file was left behind"
     assert result.trial_number != 0
     assert "FAIL" in (out / "report.csv").read_text()
 

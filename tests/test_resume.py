@@ -294,7 +294,8 @@ def aim(proc: subprocess.Popen, plan: dict, log_path: Path, out: Path, rng: rand
             builds = [d for p, d in lines if p == "build" and not d.startswith("half-written")]
             if len(builds) < plan["nth"] or lines[-1][0] != "build" or not lines[-1][1].startswith("half-written"):
                 return None
-            return _own_tmp(out / "trials", proc.pid, (f".{builds[-1]}.",))  # its temp file
+            folders = [d for d in (out / "trials").glob("*") if d.is_dir()]  # the study's trial folder
+            return [p for d in folders for p in _own_tmp(d, proc.pid, (f".{builds[-1]}.",))] or None  # its temp file
         tmp = _wait(proc, f"build #{plan['nth']}", building, poll=0.0005)
         time.sleep(rng.uniform(0, SLOW["build"] / 2))
         return f"build #{plan['nth']} of this run, {tmp[0].name.split('.')[1]} temp file present"

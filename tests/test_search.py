@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from optuna.trial import TrialState
 
+from autoquant.study import trial_folder
 from autoquant import optimize
 from autoquant.space import SearchSpace
 from autoquant.demo import DemoTask, build_demo_model
@@ -62,7 +63,7 @@ def test_starting_points_run_first(demo, tmp_path):
     for t in first:
         if t.state == TrialState.COMPLETE and "reused_from" not in t.user_attrs["details"]:
             assert t.user_attrs["details"]["sqnr_db"] == pytest.approx(t.user_attrs["screen_sqnr_db"])
-    assert not (tmp_path / "o" / "trials" / "screen").exists()
+    assert (tmp_path / "o" / "trials").is_dir() and not list((tmp_path / "o" / "trials").glob("*/screen"))
 
 
 def test_same_config_is_not_rebuilt_or_reevaluated(demo, tmp_path):
@@ -115,7 +116,7 @@ def test_pruning_skips_the_full_eval_of_a_hopeless_trial(demo, tmp_path):
     for t in pruned:
         assert t.params["weight_bits"] == 4 and "SQNR" in t.user_attrs["prune_reason"]
         assert not any(p.endswith(f"trial_{t.number:05d}.onnx") for p in seen)  # never evaluated
-        assert not (tmp_path / "o" / "trials" / f"trial_{t.number:05d}.onnx").exists()
+        assert not (trial_folder(tmp_path / "o", r.study.study_name) / f"trial_{t.number:05d}.onnx").exists()
     assert len(seen) < 1 + 6  # fewer full evals than trials
     assert "prune_reason" not in r.study.trials[r.trial_number].user_attrs
 
