@@ -46,7 +46,7 @@ from .select import COMPRESSED, SELECT_MODES, latency_ratio, not_slower_than_fp3
 from .sensitivity import PRECISIONS, measure_sensitivity, rank_nodes
 from .space import KNOBS, SearchSpace, preset_names
 from .study import (DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, file_lock, open_storage,
-                    recover_stale_trials, trial_folder)
+                    recover_stale_trials, requeue, trial_folder)
 
 _log = logging.getLogger("autoquant")
 DELIVERED_MODEL = "quantized.onnx"
@@ -416,6 +416,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               eval_timeout=eval_timeout, objective=objective, trial_dir=trial_dir,
                               latency=_latency_meter(fp32_path, statistics, latency_threading)
                               if measure_latency else None)
+        notes = _rescore_lost_trials(study, objective)
         with _stage_lock(out), _timed(timings, "screening"):  # workers starting together: one screens, enqueues
             if not study.get_trials(deepcopy=False):  # a new study: its baselines first, most promising first
                 for label, params, screened in objective.screen(space.starting_points())[: int(n_trials)]:
@@ -434,6 +435,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         _record_sensitivity(study, sources[default])  # with the rankings the trials measured (w4a8)
         result = _deliver(study, out, select, higher_is_better, scoring, latency_threading)
         result.eval_calls = eval_calls + objective.eval_calls
+        result.warnings = notes + result.warnings
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
         return result
@@ -584,7 +586,7 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
     if timeout is not None:  # a slow build (AdaRound) gives up at the timeout once there is a model to deliver
         objective.should_stop = _past_timeout(study, t_start, timeout)
     failures_allowed = max(3, n_trials)  # a callback that always fails must not loop forever
-    done = count(study, *DONE_STATES)
+    done = objective.done(study)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are reported in the report, not logged
     try:
@@ -603,11 +605,32 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                     time.sleep(min(1.0, objective.heartbeat_interval))  # other workers hold the rest
                 else:
                     study.optimize(objective, n_trials=1, timeout=remaining_time, catch=(TrialFailed, BudgetReached))
-                now = count(study, *DONE_STATES)
+                now = objective.done(study)
                 bar.update(now - done)
                 done = now
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _rescore_lost_trials(study: optuna.Study, objective: Objective) -> list[str]:
+    """COMPLETE trials whose model file is missing or changed (a deleted trials/ folder) cannot be delivered:
+    they stop counting towards n_trials and their configs are queued to be built and scored again."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    lost = []
+    for t in complete:
+        d = t.user_attrs.get(DETAILS, {})
+        f = objective.output_dir / d.get("model_file", "")
+        if "model_file" in d and not (f.is_file() and sha256_file(f) == d.get("sha256")):
+            lost.append(t)
+    objective.lost = {t.number for t in lost}
+    kept = [t.user_attrs.get("config") for t in complete if t.number not in objective.lost]
+    queued = [t.number for t in lost if t.user_attrs.get("config") not in kept and requeue(study, t) is not None]
+    if not lost:
+        return []
+    note = (f"{len(lost)} completed trials' model files were missing or changed (trials {sorted(objective.lost)[:10]}); "
+            f"{len(queued)} configs were queued to be scored again")
+    _log.warning(note)
+    return [note]
 
 
 def _deliverable_found(study: optuna.Study, objective: Objective) -> bool:

@@ -29,7 +29,7 @@ from .techniques.adaround import Interrupted
 from .scope import in_scope
 from .space import SearchSpace
 from .variants import variant_of
-from .study import OWNER_ATTR, Heartbeat, owner_id, trial_file_name
+from .study import OWNER_ATTR, Heartbeat, owner_id, requeue, trial_file_name
 
 
 def check_metric(value: Any, what: str) -> float:
@@ -150,6 +150,12 @@ class Objective:
         self.should_stop: Callable[[], bool] | None = None
         #: trials autoquant.repair already tried to repair in this process (not to rebuild its ladders)
         self.repair_tried: set[int] = set()
+        #: COMPLETE trials whose model file is gone (deleted trials/ folder): not counted, not reused
+        self.lost: set[int] = set()
+
+    def done(self, study: optuna.Study) -> int:
+        """Trials that count towards n_trials: COMPLETE or PRUNED, except those whose file was lost."""
+        return sum(t.number not in self.lost for t in study.get_trials(deepcopy=False, states=DONE_STATES))
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr(OWNER_ATTR, owner_id())
@@ -167,11 +173,17 @@ class Objective:
         except optuna.TrialPruned:
             path.unlink(missing_ok=True)
             raise
+        except KeyboardInterrupt:  # Ctrl-C: like a kill, the config is scored again later; no partial file stays
+            path.unlink(missing_ok=True)
+            trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt); its config is queued again")
+            requeue(trial.study, trial)
+            raise
 
     def _check_budget(self, trial: optuna.Trial) -> None:
         """With many workers, trials started at the same moment may exceed n_trials: the lowest
         numbers go on, the others are pruned before any work."""
-        active = trial.study.get_trials(deepcopy=False, states=(*DONE_STATES, TrialState.RUNNING))
+        active = [t for t in trial.study.get_trials(deepcopy=False, states=(*DONE_STATES, TrialState.RUNNING))
+                  if t.number not in self.lost]
         ahead = sum(t.state != TrialState.RUNNING or t.number < trial.number for t in active if t.number != trial.number)
         if ahead >= self.n_trials:
             raise BudgetReached(f"study already has {self.n_trials} trials done or running")
@@ -397,12 +409,11 @@ class Objective:
             out.update(self._screened_latency.pop(str(path), None) or self.latency.measure(path))
         return out
 
-    @staticmethod
-    def _same_config_trial(trial: optuna.Trial, config: dict):
+    def _same_config_trial(self, trial: optuna.Trial, config: dict):
         """A finished (COMPLETE or PRUNED) trial with exactly this config, if any: samplers propose
         duplicates in small spaces, and rebuilding them (AdaRound, bias correction) is wasted work."""
         for t in trial.study.get_trials(deepcopy=False, states=DONE_STATES):
-            if t.number != trial.number and t.user_attrs.get("config") == config and (
+            if t.number != trial.number and t.number not in self.lost and t.user_attrs.get("config") == config and (
                     t.state == TrialState.PRUNED or DETAILS in t.user_attrs):
                 return t
         return None
@@ -410,6 +421,6 @@ class Objective:
     def _identical_completed_trial(self, trial: optuna.Trial, sha: str):
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             d = t.user_attrs.get(DETAILS, {})
-            if d.get("sha256") == sha and "reused_from" not in d:
+            if d.get("sha256") == sha and "reused_from" not in d and t.number not in self.lost:
                 return t
         return None

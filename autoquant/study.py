@@ -230,16 +230,28 @@ def recover_stale_trials(study: optuna.Study, trial_dir: Path | None = None,
             continue
         if trial_dir is not None:
             (trial_dir / trial_file_name(t.number)).unlink(missing_ok=True)
-        params = dict(t.system_attrs.get("fixed_params", {}))
-        params.update(t.params)
-        if params and params not in waiting:
-            study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+        if (params := requeue(study, t, waiting)) is not None:
             waiting.append(params)
         recovered.append(t.number)
     if recovered:
         _log.warning("study %s: trials %s were left RUNNING by a dead process; marked FAIL and re-queued",
                      study.study_name, recovered)
     return recovered
+
+
+def requeue(study: optuna.Study, trial, waiting: list[dict] | None = None) -> dict | None:
+    """Enqueue the config of a trial that did not finish (its process died, or Ctrl-C stopped it) so that a
+    later run or another worker scores it; returns the params, or None when it had none or they wait already."""
+    if isinstance(trial, optuna.Trial):  # a live trial: read its stored record
+        trial = study._storage.get_trial(trial._trial_id)
+    params = dict(trial.system_attrs.get("fixed_params", {}))
+    params.update(trial.params)
+    if waiting is None:
+        waiting = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    if not params or params in waiting:
+        return None
+    study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+    return params
 
 
 def trial_folder(output_dir: Path, study_name: str) -> Path:

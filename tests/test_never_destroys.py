@@ -164,3 +164,51 @@ def test_repair_on_a_model_with_fewer_nodes_than_the_ladder_values(tmp_path, n_n
     repairs = [t for t in r.study.trials if "repair of" in t.user_attrs.get("enqueued", "")]
     assert r.feasible and (repairs or n_nodes <= 2)  # the 2-node-float starting point already is all float
     assert all(t.params.get("fallback_k", 0) in space["knobs"]["fallback_k"] for t in r.study.trials)
+
+
+SPACE2 = {"knobs": {**BASE, "weight_granularity": ["per_tensor", "per_channel"]}}
+
+
+def test_a_rerun_after_the_trial_files_were_deleted_scores_them_again(demo, tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    first = _quiet(str(demo.model_path), demo.calibration_data, demo.evaluate, output_dir=out, n_trials=2,
+                   search_space=SPACE2, allowed_accuracy_drop=0.2)
+    shutil.rmtree(out / "trials")
+    again = _quiet(str(demo.model_path), demo.calibration_data, demo.evaluate, output_dir=out, n_trials=2,
+                   search_space=SPACE2, allowed_accuracy_drop=0.2)
+    assert again.eval_calls >= 1 and any("missing" in w for w in again.warnings)
+    assert Path(again.model_path).is_file() and again.accuracy == demo.evaluate(again.model_path)
+    assert again.trial_number >= 2  # a re-scored trial, not one whose file is gone
+    third = _quiet(str(demo.model_path), demo.calibration_data, demo.evaluate, output_dir=out, n_trials=2,
+                   search_space=SPACE2, allowed_accuracy_drop=0.2)
+    assert third.eval_calls == 0 and third.trial_number == again.trial_number  # nothing left to redo
+
+
+def test_ctrl_c_during_a_trial_requeues_its_config_and_leaves_no_partial_file(demo, tmp_path):
+    out = tmp_path / "o"
+    calls = []
+
+    def evaluate(path):
+        calls.append(path)
+        if len(calls) == 2:  # the first quantized trial's eval: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return demo.evaluate(path)
+
+    with pytest.raises(KeyboardInterrupt):
+        _quiet(str(demo.model_path), demo.calibration_data, evaluate, output_dir=out, n_trials=2, search_space=SPACE2,
+               allowed_accuracy_drop=0.2)
+    import optuna
+
+    study = optuna.load_study(study_name=next(iter(optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}"))),
+                              storage=f"sqlite:///{out / 'study.db'}")
+    interrupted = study.trials[0]
+    assert interrupted.state.name == "FAIL" and "interrupted" in interrupted.user_attrs["fail_reason"]
+    assert not Path(calls[1]).exists()
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    assert any(t.system_attrs["fixed_params"] == interrupted.params for t in waiting)
+    r = _quiet(str(demo.model_path), demo.calibration_data, demo.evaluate, output_dir=out, n_trials=2,
+               search_space=SPACE2, allowed_accuracy_drop=0.2)
+    redone = [t for t in r.study.trials if t.user_attrs.get("retry_of") == 0]
+    assert redone and redone[0].state.name == "COMPLETE"
