@@ -5,13 +5,13 @@
 """
 
 from .api import optimize
-from .errors import (AutoQuantError, CalibrationDataError, ConfigError, ModelError, NoCompletedTrialError,
-                     OutputDirError, SearchSpaceError, StorageError)
+from .errors import (AutoQuantError, CalibrationDataError, ConfigError, InternalError, ModelError,
+                     NoCompletedTrialError, OutputDirError, SearchSpaceError, StorageError)
 from .result import OptimizeResult
 from .space import KNOBS, SearchSpace
 
 __version__ = "0.1.0"
 __all__ = [
     "optimize", "OptimizeResult", "SearchSpace", "KNOBS", "AutoQuantError", "ModelError", "CalibrationDataError",
-    "SearchSpaceError", "ConfigError", "OutputDirError", "StorageError", "NoCompletedTrialError",
+    "SearchSpaceError", "ConfigError", "OutputDirError", "StorageError", "NoCompletedTrialError", "InternalError",
 ]

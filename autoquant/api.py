@@ -28,8 +28,9 @@ from ._io import atomic_copy, atomic_write, atomic_write_json, remove_stale_tmp,
 from .build import RangeCache
 from .data import CalibrationSource
 from .encodings import write_encodings
-from .errors import (AutoQuantError, ConfigError, ModelError, NoCompletedTrialError, OutputDirError, StorageError,
-                     TrialFailed)
+from .errors import (AutoQuantError, ConfigError, InternalError, ModelError, NoCompletedTrialError, OutputDirError,
+                     StorageError, TrialFailed)
+from .stages import Degradations, current_stage, stage
 from .prepare import quantizable_summary
 from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
 from . import variants
@@ -224,8 +225,8 @@ def _stage_inputs(proto: onnx.ModelProto, model_sha: str, calibration_data, spac
     New files are made in a temp dir and copied into the cache only once complete, so an input error
     (a bad feed #37, ...) leaves nothing behind in output_dir.
     """
-    with tempfile.TemporaryDirectory(prefix="autoquant-stage-") as stage:
-        work = Path(stage)
+    with tempfile.TemporaryDirectory(prefix="autoquant-stage-") as staging:
+        work = Path(staging)
         base = _prepare(proto, model_sha, cache_dir, work)
         models = {variants.BASE: base}
         for v in _variants_needed(space)[1:]:
@@ -319,6 +320,14 @@ def optimize(
                          heartbeat_interval, eval_timeout, objective, measure_latency, prune, eval_subset_callback,
                          stop_when_feasible, max_high_precision_fraction, target, baseline_accuracy,
                          latency_threading)
+    except AutoQuantError:
+        raise
+    except Exception as exc:  # a bug of ours (or an unexpected third-party failure): say so, keep the study
+        where = current_stage.get()
+        _log.error("autoquant: internal error in stage %s", where, exc_info=True)
+        raise InternalError(f"autoquant failed in stage {where!r}: {type(exc).__name__}: {str(exc)[:300]}. The "
+                            "study's completed trials are kept (rerun to resume); the traceback is in the "
+                            "'autoquant' log; please report it") from exc
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -397,7 +406,9 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         atomic_write_json(out / "autoquant.json", {"study_name": name, "storage": storage if isinstance(storage, str)
                                                    else (None if storage is None else type(storage).__name__)})
 
-        sources = _sources(models, statistics, cache_dir, _sensitivity_precisions(space))
+        degraded = Degradations()
+        degraded.study = study
+        sources = _sources(models, statistics, cache_dir, _sensitivity_precisions(space), degraded)
         default = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE
         if "w8a8" in _sensitivity_precisions(space):  # fallback / 16-bit ranking: the starting points need it
             with _timed(timings, "sensitivity"):
@@ -415,11 +426,14 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                               output_dir=out, n_trials=int(n_trials), heartbeat_interval=heartbeat_interval,
                               eval_timeout=eval_timeout, objective=objective, trial_dir=trial_dir,
                               latency=_latency_meter(fp32_path, statistics, latency_threading)
-                              if measure_latency else None)
+                              if measure_latency else None, degradations=degraded)
         notes = _rescore_lost_trials(study, objective)
         with _stage_lock(out), _timed(timings, "screening"):  # workers starting together: one screens, enqueues
             if not study.get_trials(deepcopy=False):  # a new study: its baselines first, most promising first
-                for label, params, screened in objective.screen(space.starting_points())[: int(n_trials)]:
+                points = [(label, params, {}) for label, params in space.starting_points()]
+                with degraded.guard("screening", "the starting points run in their listed order, unscreened"):
+                    points = objective.screen(space.starting_points())
+                for label, params, screened in points[: int(n_trials)]:
                     study.enqueue_trial(params, user_attrs={"enqueued": label, **screened})
         try:
             with _timed(timings, "trials"):
@@ -433,9 +447,10 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                 f"{time.perf_counter() - t_start:.1f} s); raise timeout"
             )
         _record_sensitivity(study, sources[default])  # with the rankings the trials measured (w4a8)
-        result = _deliver(study, out, select, higher_is_better, scoring, latency_threading)
+        with stage("delivery"):
+            result = _deliver(study, out, select, higher_is_better, scoring, latency_threading, degraded)
         result.eval_calls = eval_calls + objective.eval_calls
-        result.warnings = notes + result.warnings
+        result.warnings = notes + degraded.notes + result.warnings
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
         return result
@@ -445,13 +460,15 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
 
 
 @contextlib.contextmanager
-def _timed(timings: dict[str, float], stage: str):
-    """Add the wall seconds of the block to ``timings[stage]`` (OptimizeResult.timings)."""
+def _timed(timings: dict[str, float], name: str):
+    """Add the wall seconds of the block to ``timings[name]`` (OptimizeResult.timings); the block is stage
+    ``name`` for an InternalError's message."""
     t0 = time.perf_counter()
     try:
-        yield
+        with stage(name):
+            yield
     finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type: str, given: float | None,
@@ -531,7 +548,7 @@ def _pruner(study: optuna.Study, prepared: PreparedModel, statistics: dict, scor
 
 
 def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path,
-             precisions: tuple[str, ...] = ("w8a8", "w4a8")) -> dict[str, Source]:
+             precisions: tuple[str, ...] = ("w8a8", "w4a8"), degraded: Degradations | None = None) -> dict[str, Source]:
     ranges = {id(st): RangeCache(st) for st in statistics.values()}  # variants sharing statistics share ranges
     out = {}
     for v, m in models.items():
@@ -542,21 +559,28 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
         keep_float.update(dict.fromkeys(masked_nodes(proto, statistics[v].masked_tensors), MASK_REASON))
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
                         frozenset(n.name for n in proto.graph.node), macs_per_node(proto), keep_float,
-                        _ranking_measure(m, statistics[v], cache_dir, precisions),
+                        _ranking_measure(m, statistics[v], cache_dir, precisions, degraded),
                         {n.name: n.op_type for n in proto.graph.node})
     return out
 
 
-def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisions: tuple[str, ...]):
+def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisions: tuple[str, ...],
+                     degraded: Degradations | None = None):
     """The ranking function of a Source: measures one precision on first call (``precisions`` lists the
-    ones the space may ask for) and keeps every SQNR so far in ``measure.sensitivity``."""
+    ones the space may ask for) and keeps every SQNR so far in ``measure.sensitivity``. If the measurement
+    fails, the ranking degrades to graph order (recorded) and the search goes on."""
     table = {}
 
     def measure(precision: str) -> list[str]:
         if precision not in precisions:
             raise AssertionError(f"precision {precision} not in the space's {precisions}")
-        got = measure_sensitivity(model.path, statistics, compute_nodes(model.load()), cache_dir,
-                                  precisions=(precision,))
+        nodes = compute_nodes(model.load())
+        got = None
+        with (degraded or Degradations()).guard(f"sensitivity ({precision})",
+                                                "nodes are ranked in graph order for fallback_k / a16_k / w4_fraction"):
+            got = measure_sensitivity(model.path, statistics, nodes, cache_dir, precisions=(precision,))
+        if got is None:
+            return nodes
         for n, d in got.items():  # every precision keeps its column in result.sensitivity(): None if not measured
             row = table.setdefault(n, dict.fromkeys(PRECISIONS))
             v = d.get(precision)
@@ -600,7 +624,8 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int, timeou
                         break
                     remaining_time = None  # nothing to deliver yet: the timeout stops the search after a first model
                 recover_stale_trials(study, objective.trial_dir, grace)
-                _enqueue_repair(study, objective)
+                with objective.degradations.guard("repair", "the sampler goes on without it"):
+                    _enqueue_repair(study, objective)
                 if done + count(study, TrialState.RUNNING) >= n_trials:
                     time.sleep(min(1.0, objective.heartbeat_interval))  # other workers hold the rest
                 else:
@@ -663,7 +688,7 @@ def _enqueue_repair(study: optuna.Study, objective: Objective) -> None:
 
 
 def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool, scoring: Scoring,
-             threading: str = "default") -> OptimizeResult:
+             threading: str = "default", degraded: Degradations | None = None) -> OptimizeResult:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         reasons = sorted({t.user_attrs.get("fail_reason", t.system_attrs.get("fail_reason", "unknown"))
@@ -687,14 +712,17 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
     model_path = atomic_copy(out / details["model_file"], out / DELIVERED_MODEL)
     if sha256_file(model_path) != details["sha256"]:  # the delivered file is the scored file, byte for byte
         raise AutoQuantError("delivered model differs from the scored trial file (disk error?)")
-    enc_path = write_encodings(model_path, out / DELIVERED_ENCODINGS)
+    degraded = degraded or Degradations()
+    enc_path = None
+    with degraded.guard("encodings", "no quantized.encodings.json was written; the model is delivered"):
+        enc_path = write_encodings(model_path, out / DELIVERED_ENCODINGS)
     notes = _delivery_warnings(chosen, complete, scoring, threading, fp32_size)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
     result = OptimizeResult(
         model_path=str(model_path), accuracy=float(a["accuracy"]), baseline_accuracy=scoring.baseline,
         drop=float(a["drop"]), feasible=bool(a["feasible"]), trial_number=chosen.number, config=dict(a["config"]),
-        encodings_path=str(enc_path), size_bytes=int(a["size_bytes"]),
+        encodings_path=str(enc_path) if enc_path else None, size_bytes=int(a["size_bytes"]),
         fp32_size_bytes=int(study.user_attrs["fp32_size_bytes"]), study=study, output_dir=str(out),
         higher_is_better=higher_is_better, float_nodes=list(details["float_nodes"]),
         preparation=dict(study.user_attrs.get("preparation", {})),
@@ -705,15 +733,19 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
     if fmt:  # the target runtime's own file, next to the model
         from .export import export
 
-        result.export_path = str(export(model_path, out / f"quantized{EXPORT_SUFFIX[fmt]}", fmt))
-    save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better, delivered=chosen.number),
-             out / "report.csv")
-    try:
-        result.plot(out / "pareto.png")
-    except ConfigError:  # matplotlib is an optional extra
-        _log.info("matplotlib not installed: no pareto.png")
+        with degraded.guard(f"export ({fmt})", "no export file was written; the model is delivered"):
+            result.export_path = str(export(model_path, out / f"quantized{EXPORT_SUFFIX[fmt]}", fmt))
+    with degraded.guard("report", "no report.csv was written; the study holds every trial"):
+        save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better, delivered=chosen.number),
+                 out / "report.csv")
+    with degraded.guard("plot", "no pareto.png was written"):
+        try:
+            result.plot(out / "pareto.png")
+        except ConfigError:  # matplotlib is an optional extra
+            _log.info("matplotlib not installed: no pareto.png")
     atomic_write_json(out / "result.json", {
-        "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS, "sha256": details["sha256"],
+        "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS if enc_path else None,
+        "sha256": details["sha256"],
         "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy, "drop": result.drop,
         "feasible": result.feasible, "trial_number": result.trial_number, "config": result.config,
         "size_bytes": result.size_bytes, "fp32_size_bytes": result.fp32_size_bytes, "study_name": study.study_name,

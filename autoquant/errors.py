@@ -35,5 +35,10 @@ class NoCompletedTrialError(AutoQuantError, RuntimeError):
     """Every trial failed, so there is no model to deliver. The message lists the reasons."""
 
 
+class InternalError(AutoQuantError, RuntimeError):
+    """A bug inside autoquant, in the stage named by the message (traceback in the "autoquant" log). The
+    study's completed trials are kept: rerunning resumes from them."""
+
+
 class TrialFailed(Exception):
     """Raised inside a trial to mark it FAIL with a recorded reason; the study goes on."""

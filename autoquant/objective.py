@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import json
 import math
 import numbers
@@ -23,13 +24,17 @@ from ._io import sha256_file
 from .build import MixedPrecision, RangeCache, build_qdq_model
 from .prune import Pruner
 from .cost import NOT_SLOWER_THAN_FP32, SpeedMeter, bops
-from .errors import TrialFailed
+from .errors import AutoQuantError, TrialFailed
 from .refine import Refiner
 from .techniques.adaround import Interrupted
 from .scope import in_scope
 from .space import SearchSpace
 from .variants import variant_of
+from .stages import Degradations
 from .study import OWNER_ATTR, Heartbeat, owner_id, requeue, trial_file_name
+
+
+_log = logging.getLogger("autoquant")
 
 
 def check_metric(value: Any, what: str) -> float:
@@ -133,7 +138,8 @@ class Objective:
                  eval_callback: Callable[[str], Any], scoring: Scoring, output_dir: Path, n_trials: int,
                  heartbeat_interval: float, eval_timeout: float | None = None, objective: str = "size",
                  latency: SpeedMeter | None = None, pruner: Pruner | None = None,
-                 max_high_precision_fraction: float | None = None, trial_dir: Path | None = None):
+                 max_high_precision_fraction: float | None = None, trial_dir: Path | None = None,
+                 degradations: Degradations | None = None):
         self.space, self.sources, self.n_compute_nodes = space, sources, n_compute_nodes
         self.pruner, self.max_high_precision_fraction = pruner, max_high_precision_fraction
         self.eval_callback, self.scoring, self.output_dir = eval_callback, scoring, output_dir
@@ -141,6 +147,7 @@ class Objective:
         self.objective, self.latency = objective, latency
         self.fp32_bops = {v: 32 * 32 * float(sum(src.macs.values())) for v, src in sources.items()}
         self.trial_dir = trial_dir or output_dir / "trials"  # the study's folder (autoquant.study.trial_folder)
+        self.degradations = degradations or Degradations()
         self.eval_calls = 0
         self.failures = 0
         #: config json -> (built file, refinements, SQNR, measured latencies or None)
@@ -173,6 +180,16 @@ class Objective:
         except optuna.TrialPruned:
             path.unlink(missing_ok=True)
             raise
+        except (BudgetReached, AutoQuantError):
+            path.unlink(missing_ok=True)
+            raise
+        except Exception as exc:  # a bug inside the trial: that trial fails with the reason, the study goes on
+            _log.warning("autoquant: internal error in trial %d", trial.number, exc_info=True)
+            self.failures += 1
+            reason = f"internal error in the trial ({type(exc).__name__}: {str(exc)[:300]}); traceback in the log"
+            trial.set_user_attr("fail_reason", reason)
+            path.unlink(missing_ok=True)
+            raise TrialFailed(reason) from None
         except KeyboardInterrupt:  # Ctrl-C: like a kill, the config is scored again later; no partial file stays
             path.unlink(missing_ok=True)
             trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt); its config is queued again")
@@ -327,8 +344,10 @@ class Objective:
         except TrialFailed:
             path.unlink(missing_ok=True)
             return None
-        sqnr = self.pruner.sqnr(path)
-        latency = self.latency.measure(path) if self.latency is not None else None
+        sqnr = latency = None
+        with self.degradations.guard("screening (output SQNR, latency)", "that point is ranked as unscreened"):
+            sqnr = self.pruner.sqnr(path)
+            latency = self.latency.measure(path) if self.latency is not None else None
         self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr, latency)
         return sqnr
 
@@ -382,8 +401,11 @@ class Objective:
     def _prescore(self, trial: optuna.Trial, path: Path, details: dict, sqnr: float | None = None) -> None:
         """Cheap fidelities before the full eval; prune (PRUNED + reason) when clearly hopeless, unless
         the trial was enqueued with NO_PRUNE (it asks a question only a full eval answers)."""
-        details["sqnr_db"] = self.pruner.sqnr(path) if sqnr is None else sqnr
-        if trial.user_attrs.get(NO_PRUNE):
+        if sqnr is None:
+            with self.degradations.guard("pre-scoring (output SQNR)", "trials are fully evaluated without it"):
+                sqnr = self.pruner.sqnr(path)
+        details["sqnr_db"] = sqnr
+        if trial.user_attrs.get(NO_PRUNE) or sqnr is None:
             return
         cost = float(path.stat().st_size if self.objective == "size" else details[OBJECTIVES[self.objective]])
         read = self.latency.ratio if self.latency is not None else None  # a slower feasible trial dominates nothing
@@ -406,7 +428,10 @@ class Objective:
         b = bops(src.macs, config, fallback, mixed.a16_nodes, mixed.w4_nodes)
         out: dict[str, Any] = {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
         if self.latency is not None:
-            out.update(self._screened_latency.pop(str(path), None) or self.latency.measure(path))
+            measured = self._screened_latency.pop(str(path), None)
+            with self.degradations.guard("latency", "that trial has no latency ratio (it is not delivered as fast)"):
+                measured = measured or self.latency.measure(path)
+            out.update(measured or {})
         return out
 
     def _same_config_trial(self, trial: optuna.Trial, config: dict):

@@ -21,7 +21,7 @@ class OptimizeResult:
     feasible: bool
     trial_number: int
     config: dict[str, Any]
-    encodings_path: str
+    encodings_path: str | None  # None when writing them failed (see warnings)
     size_bytes: int
     fp32_size_bytes: int
     study: optuna.Study = field(repr=False)
