@@ -410,10 +410,6 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         degraded.study = study
         sources = _sources(models, statistics, cache_dir, _sensitivity_precisions(space), degraded)
         default = variants.BN_FOLD if variants.BN_FOLD in models else variants.BASE
-        if "w8a8" in _sensitivity_precisions(space):  # fallback / 16-bit ranking: the starting points need it
-            with _timed(timings, "sensitivity"):
-                sources[default].ranking("w8a8")
-                _record_sensitivity(study, sources[default])
         trial_dir = trial_folder(out, name)
         recover_stale_trials(study, trial_dir, GRACE_FACTOR * heartbeat_interval)
 
@@ -435,18 +431,20 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
                     points = objective.screen(space.starting_points())
                 for label, params, screened in points[: int(n_trials)]:
                     study.enqueue_trial(params, user_attrs={"enqueued": label, **screened})
+        _move_sensitivity_time(timings, "screening", sources)
         try:
             with _timed(timings, "trials"):
                 _run_trials(study, objective, int(n_trials), timeout, t_start, show_progress, stop_when_feasible)
         finally:
             shutil.rmtree(objective.trial_dir / "screen", ignore_errors=True)  # screened builds no trial used
+        _move_sensitivity_time(timings, "trials", sources)
         if timeout is not None and not count(study, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
             raise NoCompletedTrialError(
                 f"no trial ran: timeout={timeout} s expired before the first trial (preparation, statistics, "
                 f"sensitivity, the fp32 evaluation and screening the starting points took "
                 f"{time.perf_counter() - t_start:.1f} s); raise timeout"
             )
-        _record_sensitivity(study, sources[default])  # with the rankings the trials measured (w4a8)
+        _record_sensitivity(study, sources[default])  # the rankings the trials measured (on first need)
         with stage("delivery"):
             result = _deliver(study, out, select, higher_is_better, scoring, latency_threading, degraded)
         result.eval_calls = eval_calls + objective.eval_calls
@@ -457,6 +455,16 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     finally:
         if user_storage is None:  # our SQLite: close it so its WAL is checkpointed into study.db
             storage_obj.engine.dispose()
+
+
+def _move_sensitivity_time(timings: dict[str, float], stage_name: str, sources: dict[str, Source]) -> None:
+    """The sensitivity ranking is measured on first need, inside screening or a trial: move its seconds from
+    that stage to timings["sensitivity"], so the stages add up to the total."""
+    spent = sum(getattr(src.measure_ranking, "seconds", 0.0) for src in sources.values())
+    new = spent - timings.get("sensitivity", 0.0)
+    if new > 0:
+        timings[stage_name] = timings.get(stage_name, 0.0) - new
+        timings["sensitivity"] = spent
 
 
 @contextlib.contextmanager
@@ -567,11 +575,19 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
 def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisions: tuple[str, ...],
                      degraded: Degradations | None = None):
     """The ranking function of a Source: measures one precision on first call (``precisions`` lists the
-    ones the space may ask for) and keeps every SQNR so far in ``measure.sensitivity``. If the measurement
-    fails, the ranking degrades to graph order (recorded) and the search goes on."""
+    ones the space may ask for), keeps every SQNR so far in ``measure.sensitivity`` and its wall time in
+    ``measure.seconds`` (result.timings). If the measurement fails, the ranking degrades to graph order
+    (recorded) and the search goes on."""
     table = {}
 
     def measure(precision: str) -> list[str]:
+        t0 = time.perf_counter()
+        try:
+            return _measure(precision)
+        finally:
+            measure.seconds += time.perf_counter() - t0
+
+    def _measure(precision: str) -> list[str]:
         if precision not in precisions:
             raise AssertionError(f"precision {precision} not in the space's {precisions}")
         nodes = compute_nodes(model.load())
@@ -588,6 +604,7 @@ def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisio
         return rank_nodes(got, precision)
 
     measure.sensitivity = table
+    measure.seconds = 0.0
     return measure
 
 

@@ -30,6 +30,7 @@ k" may not hold; trims are therefore decided by full evals and never pruned by S
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,8 @@ LADDERS = (("quantize_ops", "narrower quantization scope"), ("fallback_k", "most
            ("a16_k", "next most sensitive nodes at 16-bit activations"))
 
 
+#: a repair step whose file is above this fraction of fp32's is a float model with Q/DQ around it, not a repair
+NOT_A_COMPRESSION = 0.95
 #: dB of output SQNR per decade of accuracy drop, before the study can fit it, and the fit's bounds
 DEFAULT_DB_PER_DECADE = 20.0
 DB_PER_DECADE_BOUNDS = (10.0, 40.0)
@@ -226,41 +229,53 @@ def _without(params: dict[str, Any], knob: str) -> dict[str, Any]:
 
 def _bisect(objective: Objective, best, knob: str, steps: list, need: float, screen_dir, keep_fast: bool = False,
             fp32_size: int = 0):
-    """Smallest step whose screened SQNR reaches ``need`` (SQNR grows along the ladder), else the top step:
-    (step, SQNR, params), or None when no step builds. With ``keep_fast`` a step must also screen at fp32's
-    latency or below and stay a compression (the repaired model must stay deliverable as fast). Builds of steps not chosen are deleted."""
-    scored: dict[int, tuple[float | None, dict, dict]] = {}
+    """The cheapest useful step: (step, SQNR, params), or None when no step builds.
+
+    Along the ladder SQNR grows, and so do size and (mostly) latency. A step is *useful* when its build is
+    still a compression ("every node float" never is: file <= NOT_A_COMPRESSION x fp32's) and, with
+    ``keep_fast``, a deliverable-fast one (<= COMPRESSED x fp32's, at fp32's latency or below). The top useful step is found by bisection on that, then the
+    smallest useful step whose screened SQNR reaches ``need`` (the top useful step when none does).
+    Builds of steps not chosen are deleted."""
+    scored: dict[int, tuple[float | None, dict, dict, Path]] = {}
 
     def screen(i: int) -> float | None:
         if i not in scored:
             params = {**best.params, knob: steps[i]}
             config = objective.space.suggest(optuna.trial.FixedTrial(params), objective.n_compute_nodes)
             path = screen_dir / f"repair-{best.number}-{knob}-{steps[i]}.onnx"
-            scored[i] = (objective.screen_config(config, path), params, config)
+            scored[i] = (objective.screen_config(config, path), params, config, path)
         return scored[i][0]
 
-    def fast(i: int) -> bool:
-        ratio = objective.screened_ratio(scored[i][2])
-        path = screen_dir / f"repair-{best.number}-{knob}-{steps[i]}.onnx"
-        small = fp32_size <= 0 or not path.exists() or path.stat().st_size <= COMPRESSED * fp32_size
-        return not keep_fast or ((ratio is None or ratio <= NOT_SLOWER_THAN_FP32) and small)
+    def useful(i: int) -> bool:
+        if screen(i) is None:
+            return False
+        _, _, config, path = scored[i]
+        limit = (COMPRESSED if keep_fast else NOT_A_COMPRESSION) * fp32_size
+        small = fp32_size <= 0 or not path.exists() or path.stat().st_size <= limit
+        ratio = objective.screened_ratio(config)
+        return small and (not keep_fast or ratio is None or ratio <= NOT_SLOWER_THAN_FP32)
 
-    def reaches(i: int) -> bool:
-        got = screen(i)
-        return got is not None and got >= need and fast(i)  # None: the step does not build
-
-    top = len(steps) - 1
-    chosen = top
-    if reaches(top):
-        lo, hi = 0, top - 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if reaches(mid):
-                chosen, hi = mid, mid - 1
-            else:
-                lo = mid + 1
-    for i, (_, _, config) in scored.items():
+    top = _last_true(len(steps), useful)
+    if top is None:
+        for _, _, config, _ in scored.values():
+            objective.forget_screened(config)
+        return None
+    first = _last_true(top + 1, lambda i: not (screen(i) is not None and screen(i) >= need), default=-1) + 1
+    chosen = min(first, top)
+    for i, (_, _, config, _) in scored.items():
         if i != chosen:
             objective.forget_screened(config)
-    got, params, _ = scored[chosen]
-    return None if got is None else (steps[chosen], got, params)
+    got, params, _, _ = scored[chosen]
+    return steps[chosen], got, params
+
+
+def _last_true(n: int, pred, default=None):
+    """The largest i < n with pred(i), for a pred that is True up to some index then False (bisection)."""
+    lo, hi, found = 0, n - 1, default
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            found, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return found

@@ -52,7 +52,8 @@ class OptimizeResult:
 
     def sensitivity(self) -> pd.DataFrame:
         """Per compute node: output SQNR (dB) vs fp32 when only that node is quantized, at each measured
-        precision (w8a8, w4a8, w8a16), most sensitive first. Empty when the space did not need it."""
+        precision (w8a8, w4a8, w8a16), most sensitive first. Measured when a trial first needs it (float
+        fallback, 16-bit or 4-bit nodes): empty when none did."""
         data = self.study.user_attrs.get("sensitivity", {})
         rows = [{"node": n, **{f"sqnr_db_{p}": v for p, v in d.items()}} for n, d in data.items()]
         df = pd.DataFrame(rows)
