@@ -568,7 +568,8 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
         out[v] = Source(m.path, ranges[id(statistics[v])], Refiner(m.path, statistics[v].samples, cache_dir),
                         frozenset(n.name for n in proto.graph.node), macs_per_node(proto), keep_float,
                         _ranking_measure(m, statistics[v], cache_dir, precisions, degraded),
-                        {n.name: n.op_type for n in proto.graph.node})
+                        {n.name: n.op_type for n in proto.graph.node},
+                        {n.name: tuple(t for t in (*n.input, *n.output) if t) for n in proto.graph.node})
     return out
 
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 LATENCY_REPEATS = 7
-LATENCY_BUDGET_S = 1.0  # stop repeating once a measurement has taken this long
+LATENCY_BUDGET_S = 0.5  # stop repeating once a measurement has taken this long (at least 3 pairs)
 
 
 def _shape(model: onnx.ModelProto, name: str) -> list[int] | None:

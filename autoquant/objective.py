@@ -109,7 +109,14 @@ class Source:
     always_float: dict[str, str]  # nodes never quantized in this variant -> why (unfolded BatchNorm, masking values)
     measure_ranking: Callable[[str], list[str]]  # nodes most sensitive first at a precision (w8a8, w4a8)
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (the trial's quantize_ops)
+    node_io: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node name -> its input and output tensors
     _rankings: dict[str, list[str]] = field(default_factory=dict)
+
+    def scope_tensors(self, quantize_ops: str | None) -> set[str] | None:
+        """The tensors around the nodes a scope quantizes (None: every tensor, ORT's whole registry)."""
+        if quantize_ops in (None, "all") or not self.node_io:
+            return None
+        return {t for n, io in self.node_io.items() if in_scope(self.op_types.get(n, ""), quantize_ops) for t in io}
 
     def ranking(self, precision: str) -> list[str]:
         """Sensitivity ranking at ``precision``, measured on first need (a search that never places
@@ -237,10 +244,13 @@ class Objective:
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
                                    "float_nodes": fallback, "float_why": self._float_why(config, src, fallback), "a16_nodes": list(mixed.a16_nodes),
                                    "w4_nodes": list(mixed.w4_nodes), "variant": variant, "build_seconds": t_build,
-                                   **refinements, **self._costs(path, src, config, fallback, mixed, variant)}
+                                   **refinements, **self._costs(src, config, fallback, mixed, variant)}
+        if self.objective == "latency":  # the pre-scores compare trials by it
+            self._measure_latency(path, details)
         reused = self._identical_completed_trial(trial, sha)
         if reused is None and self.pruner is not None:
             self._prescore(trial, path, details, sqnr)
+        self._measure_latency(path, details)  # after pruning: a pruned trial is never timed
         t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score
             accuracy = float(reused.user_attrs["accuracy"])
@@ -289,7 +299,8 @@ class Objective:
     def _build(self, config: dict, src: Source, fallback: list[str], mixed: MixedPrecision, path: Path) -> dict:
         """Build the QDQ model at ``path`` and check that ORT loads it; returns the refinements applied."""
         try:
-            info = build_qdq_model(src.path, src.ranges.ranges(config), config, path, [*fallback, *src.always_float],
+            ranges = src.ranges.ranges(config, src.scope_tensors(config.get("quantize_ops")))
+            info = build_qdq_model(src.path, ranges, config, path, [*fallback, *src.always_float],
                                    refine=lambda model: src.refiner.apply(model, config, self.should_stop),
                                    mixed=mixed, writer_options=self.space.target.get("extra_options"))
         except Interrupted as exc:
@@ -407,9 +418,12 @@ class Objective:
         details["sqnr_db"] = sqnr
         if trial.user_attrs.get(NO_PRUNE) or sqnr is None:
             return
-        cost = float(path.stat().st_size if self.objective == "size" else details[OBJECTIVES[self.objective]])
-        read = self.latency.ratio if self.latency is not None else None  # a slower feasible trial dominates nothing
-        reason = self.pruner.sqnr_verdict(trial.study, details["sqnr_db"], cost, read, read(details) if read else None)
+        reason = self.pruner.sqnr_verdict(trial.study, sqnr)  # far below an infeasible trial: needs no timing
+        if reason is None:
+            self._measure_latency(path, details)
+            cost = float(path.stat().st_size if self.objective == "size" else details[self._objective_key])
+            read = self.latency.ratio if self.latency is not None else None  # a slower feasible trial dominates nothing
+            reason = self.pruner.sqnr_verdict(trial.study, sqnr, cost, read, read(details) if read else None)
         if reason is None:
             try:
                 reason, details["subset_score"] = self.pruner.subset_verdict(path)
@@ -423,16 +437,19 @@ class Objective:
             path.unlink(missing_ok=True)
             raise optuna.TrialPruned()
 
-    def _costs(self, path: Path, src: Source, config: dict, fallback: list[str], mixed: MixedPrecision,
+    def _costs(self, src: Source, config: dict, fallback: list[str], mixed: MixedPrecision,
                variant: str) -> dict[str, Any]:
         b = bops(src.macs, config, fallback, mixed.a16_nodes, mixed.w4_nodes)
-        out: dict[str, Any] = {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
-        if self.latency is not None:
-            measured = self._screened_latency.pop(str(path), None)
-            with self.degradations.guard("latency", "that trial has no latency ratio (it is not delivered as fast)"):
-                measured = measured or self.latency.measure(path)
-            out.update(measured or {})
-        return out
+        return {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
+
+    def _measure_latency(self, path: Path, details: dict) -> None:
+        """Both latency ratios of the trial file into ``details`` (once; from its screening when it had one)."""
+        if self.latency is None or "latency_ms" in details:
+            return
+        measured = self._screened_latency.pop(str(path), None)
+        with self.degradations.guard("latency", "that trial has no latency ratio (it is not delivered as fast)"):
+            measured = measured or self.latency.measure(path)
+        details.update(measured or {})
 
     def _same_config_trial(self, trial: optuna.Trial, config: dict):
         """A finished (COMPLETE or PRUNED) trial with exactly this config, if any: samplers propose

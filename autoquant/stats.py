@@ -69,9 +69,11 @@ class _StreamingHistogram:
         self.hist = np.zeros(bins, dtype=np.int64)
         self.half_range = 0.0
 
-    def add(self, x: np.ndarray) -> None:
-        """Count ``x`` (finite values only: the caller filters sentinels, NaN and inf)."""
-        amax = float(np.max(np.abs(x))) if x.size else 0.0
+    def add(self, x: np.ndarray, amax: float | None = None) -> None:
+        """Count ``x`` (finite values only: the caller filters sentinels, NaN and inf); ``amax`` = max |x|
+        when the caller knows it."""
+        if amax is None:
+            amax = float(np.max(np.abs(x))) if x.size else 0.0
         if amax == 0.0 and self.half_range == 0.0:
             self.hist[len(self.hist) // 2] += x.size  # all zeros so far: park them at the zero bin
             return
@@ -79,11 +81,13 @@ class _StreamingHistogram:
             self.half_range = float(2.0 ** np.ceil(np.log2(amax)))
         while amax > self.half_range:
             self._double()
-        # float64 edges: numpy bins in the result type of the range and the data, and float32 edges near
-        # its max overflow to inf (bin indices then go out of bounds)
-        r = np.float64(self.half_range)
-        counts, _ = np.histogram(x, bins=len(self.hist), range=(-r, r))
-        self.hist += counts
+        # uniform bins: a bin index and np.bincount count 3x faster than np.histogram (values on a bin edge
+        # may land one bin off, as float32 rounding decides). float64 scale: float32 edges near its max
+        # overflow to inf; the top value |x| = half_range goes to the last bin, as np.histogram's closed end
+        bins = len(self.hist)
+        idx = (x.astype(np.float64, copy=False) * (bins / (2.0 * self.half_range)) + bins / 2).astype(np.int64)
+        np.clip(idx, 0, bins - 1, out=idx)
+        self.hist += np.bincount(idx.ravel(), minlength=bins)
 
     def _double(self) -> None:
         b = len(self.hist)
@@ -105,20 +109,23 @@ class _TensorAccumulator:
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
-        keep = np.abs(x) < SENTINEL  # False for NaN, inf and masking values alike
-        if not keep.all():  # a range covers the real values only
-            self.masked = self.masked or bool(np.any(np.abs(x[~keep]) >= SENTINEL))
-            x = x[keep]
         if x.size == 0:
             return
         bmin, bmax = float(x.min()), float(x.max())
+        if not (-SENTINEL < bmin and bmax < SENTINEL):  # NaN, inf or masking values (NaN fails both tests)
+            keep = np.abs(x) < SENTINEL  # a range covers the real values only
+            self.masked = self.masked or bool(np.any(np.abs(x[~keep]) >= SENTINEL))
+            x = x[keep]
+            if x.size == 0:
+                return
+            bmin, bmax = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, bmin), max(self.max, bmax)
         if self.ema_min is None:
             self.ema_min, self.ema_max = bmin, bmax
         else:
             self.ema_min += EMA_CONSTANT * (bmin - self.ema_min)
             self.ema_max += EMA_CONSTANT * (bmax - self.ema_max)
-        self.hist.add(x)
+        self.hist.add(x, max(-bmin, bmax))
 
     def result(self) -> TensorStats | None:
         if self.ema_min is None:
