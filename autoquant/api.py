@@ -32,7 +32,8 @@ from .errors import (AutoQuantError, ConfigError, InternalError, ModelError, NoC
                      StorageError, TrialFailed)
 from .stages import Degradations, current_stage, stage
 from .prepare import quantizable_summary
-from .model import PreparedModel, compute_nodes, ensure_node_names, float_activation_tensors, load_model, prepare_model
+from .model import (PreparedModel, compute_nodes, ensure_node_names, file_size_with_data, float_activation_tensors,
+                    load_model, prepare_model)
 from . import variants
 from .launch import calibration_ref, callable_ref
 from .cost import LATENCY_THREADING, SpeedMeter, macs_per_node
@@ -77,8 +78,8 @@ def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_bette
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                 or not math.isfinite(timeout) or timeout <= 0):
         raise ConfigError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r:.60}")
     if select not in SELECT_MODES:
         raise ConfigError(f"select must be one of {list(SELECT_MODES)}, got {select!r}")
     if not isinstance(output_dir, (str, os.PathLike)):
@@ -127,6 +128,17 @@ def _check_search_args(prune, eval_subset_callback, stop_when_feasible, max_high
 
 def _check_output_dir(output_dir: Path) -> None:
     """Fail early, before any work, if output_dir cannot hold our files."""
+    text = str(output_dir)
+    if "\x00" in text:
+        raise OutputDirError(f"output_dir {text[:200]!r} contains a NUL byte; pass a real path")
+    if any(len(part.encode()) > 255 for part in output_dir.parts):
+        raise OutputDirError(f"output_dir {text[:200]}...: a path component is longer than 255 bytes; use shorter names")
+    if output_dir.resolve().parts[1:2] in (("proc",), ("sys",), ("dev",)):
+        raise OutputDirError(f"output_dir {output_dir} is inside a kernel file system; choose a normal directory")
+    for sub, kind in (("trials", "a folder"), ("cache", "a folder")):
+        if (output_dir / sub).exists() and not (output_dir / sub).is_dir():
+            raise OutputDirError(f"output_dir {output_dir}: {sub} is a file, but autoquant keeps {kind} of that "
+                                 "name there; move it away or choose another output_dir")
     probe = output_dir
     while not probe.exists():
         probe = probe.parent
@@ -351,7 +363,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
     proto = load_model(model)
     model_bytes = proto.SerializeToString()
     model_sha = sha256_bytes(model_bytes)
-    out = Path(output_dir)
+    out = Path(output_dir).absolute()  # an eval callback that changes the working directory moves nothing
     _check_output_dir(out)
     _check_inputs_outside_outputs(model, out)
     remove_stale_tmp(out)  # half-written temp files of a killed earlier run
@@ -386,7 +398,7 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
         if not STUDY_ATTRS <= set(attrs):  # new study, or one whose record a kill interrupted
             with _timed(timings, "fp32_eval"):
                 _record_study(study, eval_callback, fp32_path, drop_type, baseline_accuracy, {
-                    "model_sha256": model_sha, "fp32_size_bytes": fp32_path.stat().st_size,
+                    "model_sha256": model_sha, "fp32_size_bytes": file_size_with_data(fp32_path),
                     "allowed_accuracy_drop": float(allowed_accuracy_drop), "drop_type": drop_type,
                     "higher_is_better": higher_is_better, "search_space": space.to_json(), "objective": objective,
                     "stats_key": statistics[variants.BASE].key,

@@ -49,13 +49,17 @@ def _cmd_report(args) -> int:
     info_path = out / "autoquant.json"
     if not info_path.exists():
         raise ConfigError(f"{out} holds no autoquant study (no autoquant.json); run `autoquant optimize` first")
-    info = json.loads(info_path.read_text())
+    info = _read_record(info_path, ("study_name",))
     storage = open_storage(args.storage or info.get("storage") if (args.storage or info.get("storage")) else None, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=info["study_name"], storage=storage)
+    try:
+        study = optuna.load_study(study_name=info["study_name"], storage=storage)
+    except KeyError:
+        raise ConfigError(f"study {info['study_name']!r} named by {info_path} is not in its storage; rerun "
+                          "`autoquant optimize`") from None
     higher = bool(study.user_attrs.get("higher_is_better", True))
     result_json = out / "result.json"
-    delivered = json.loads(result_json.read_text()).get("trial_number") if result_json.exists() else None
+    delivered = _read_record(result_json, ()).get("trial_number") if result_json.exists() else None
     df = trials_frame(study, all_trials=args.all, higher_is_better=higher, delivered=delivered)
     import pandas as pd
 
@@ -82,6 +86,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _read_record(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON record autoquant wrote; a corrupt or foreign file is a ConfigError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); rerun "
+                          "`autoquant optimize` to write it again") from None
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise ConfigError(f"{path} is not an autoquant record (needs {list(keys)}); rerun `autoquant optimize`")
+    return data
+
+
 def _cmd_export(args) -> int:
     from .export import export
 
@@ -91,7 +107,12 @@ def _cmd_export(args) -> int:
         raise ConfigError(f"{out} holds no delivered model (quantized.onnx); run `autoquant optimize` first")
     from .api import EXPORT_SUFFIX
 
-    path = export(model, Path(args.out) if args.out else out / f"quantized{EXPORT_SUFFIX[args.format]}", args.format)
+    target = Path(args.out) if args.out else out / f"quantized{EXPORT_SUFFIX[args.format]}"
+    if target.is_dir():
+        raise ConfigError(f"--out {target} is a directory; name the file to write")
+    if target.resolve() == model.resolve():
+        raise ConfigError(f"--out {target} is the delivered model itself; name another file")
+    path = export(model, target, args.format)
     print(path)
     return 0
 
@@ -183,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutoQuantError as exc:
         print(f"autoquant: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug of ours: one line, not a traceback (the "autoquant" log has it)
+        print(f"autoquant: internal error: {type(exc).__name__}: {str(exc)[:300]} (please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

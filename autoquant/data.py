@@ -65,7 +65,18 @@ class CalibrationSource:
 
     def __iter__(self) -> Iterator[Feed]:
         n = 0
-        for n, feed in enumerate(self._raw(), start=1):
+        feeds = iter(self._raw())
+        while True:
+            try:
+                feed = next(feeds)
+            except StopIteration:
+                break
+            except CalibrationDataError:
+                raise
+            except Exception as exc:  # the user's generator failed part-way
+                raise CalibrationDataError(f"calibration_data raised {type(exc).__name__}: {str(exc)[:200]} while "
+                                           f"producing feed #{n}; fix the data source") from exc
+            n += 1
             yield self.validate(feed, n - 1)
         if n == 0:
             raise CalibrationDataError(
@@ -80,6 +91,9 @@ class CalibrationSource:
                 f"calibration feed #{index} is a {type(feed).__name__}, expected a dict {{input_name: array}} with "
                 f"keys {sorted(specs)}"
             )
+        if bad := [k for k in feed if not isinstance(k, str)]:
+            raise CalibrationDataError(f"calibration feed #{index} has key(s) {[repr(k)[:40] for k in bad[:3]]} that "
+                                       f"are not strings: keys are input names, {sorted(specs)}")
         missing = sorted(set(specs) - set(feed))
         extra = sorted(set(feed) - set(specs))
         if missing or extra:

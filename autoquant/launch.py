@@ -8,6 +8,8 @@ and a worker joining that study says so.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import importlib.util
 import sys
@@ -79,10 +81,26 @@ def load_callable(spec: str) -> Callable:
     return fn
 
 
+@contextlib.contextmanager
+def _npz(path: Path):
+    """np.load of an .npz file whose every array is read inside the block; a corrupt or truncated file (or a
+    pickled object array) is a CalibrationDataError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            yield z
+    except CalibrationDataError:
+        raise
+    except Exception as exc:
+        raise CalibrationDataError(f"--calib file {path} cannot be read as .npz ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); write it with numpy.savez") from None
+
+
 def calibration_from_path(path: str, batch_size: int = 1):
     """A directory of .npz files (one feed each, sorted by name) or one .npz whose arrays are split
     along axis 0 into feeds of ``batch_size`` samples. Returns a callable giving a fresh iterator."""
     p = Path(path)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CalibrationDataError(f"--calib-batch-size must be an integer >= 1, got {batch_size!r}")
     if p.is_dir():
         files = sorted(p.glob("*.npz"))
         if not files:
@@ -90,20 +108,20 @@ def calibration_from_path(path: str, batch_size: int = 1):
 
         def feeds():
             for f in files:
-                with np.load(f) as z:
+                with _npz(f) as z:
                     yield {k: z[k] for k in z.files}
 
         feeds.autoquant_ref = {"kind": "path", "path": str(p.resolve()), "batch_size": batch_size}
         return feeds
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as z:
+        with _npz(p) as z:
             sizes = {k: z[k].shape[0] if z[k].ndim else 0 for k in z.files}
         if not sizes or len(set(sizes.values())) != 1 or 0 in sizes.values():
             raise CalibrationDataError(f"--calib {p}: every array needs the same number of samples on axis 0, got {sizes}")
         n = next(iter(sizes.values()))
 
         def feeds():
-            with np.load(p) as z:
+            with _npz(p) as z:
                 arrays = {k: z[k] for k in z.files}
             for i in range(0, n, batch_size):
                 yield {k: v[i : i + batch_size] for k, v in arrays.items()}

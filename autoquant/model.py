@@ -80,6 +80,11 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
                          "pass the model's path instead, or load it with onnx.load(path) which reads the data")
     if not proto.graph.node:
         raise ModelError(f"{where} has an empty graph (no nodes): it is not a model that can be quantized")
+    names = [n.name for n in proto.graph.node if n.name]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ModelError(f"{where} has {len(dup)} node name(s) used more than once ({[d[:60] for d in dup[:3]]}); "
+                         "ONNX Runtime refuses such a model: give each node a unique name (or none) in the export")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
@@ -239,6 +244,12 @@ def float_activation_tensors(proto: onnx.ModelProto) -> list[str]:
             seen.add(name)
             names.append(name)
     return names
+
+
+def file_size_with_data(path: Path) -> int:
+    """Bytes of a model file plus the external data files it refers to (each counted once)."""
+    files = {loc for _, loc in external_tensors(onnx.load(str(path), load_external_data=False))}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
 
 
 def ensure_node_names(proto: onnx.ModelProto) -> int:

@@ -114,8 +114,16 @@ class Domain:
         return list(self.values) if self.values is not None else {"low": self.low, "high": self.high}
 
 
+#: characters of user data an error message quotes at most (a YAML alias bomb expands to millions)
+MAX_QUOTED = 400
+
+
+def _short(text: str, limit: int = MAX_QUOTED) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... [{len(text) - limit} characters] ... {text[-limit // 2:]}"
+
+
 def _err(name: str, msg: str) -> SearchSpaceError:
-    return SearchSpaceError(f"search space {name}: {msg}")
+    return SearchSpaceError(f"search space {_short(str(name), 200)}: {_short(msg)}")
 
 
 def _domain(space_name: str, key: str, spec: Any) -> Domain:
@@ -175,7 +183,10 @@ class SearchSpace:
         bad = sorted(set(knobs) - set(KNOBS))
         if bad:
             raise _err(name, f"unknown knob(s) {bad}; known knobs: {sorted(KNOBS)}")
-        self.name = str(spec.get("name", name))
+        self.name = spec.get("name", name)
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 200:
+            raise _err(name, f"'name' must be a non-empty string of at most 200 characters, got "
+                             f"{type(self.name).__name__} of length {len(str(self.name))}")
         self.target = _target(name, spec.get("target") or {})
         self.domains: dict[str, Domain] = {k: _domain(name, k, v) for k, v in knobs.items()}
         self._check_consistent(name)
