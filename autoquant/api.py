@@ -61,6 +61,21 @@ STUDY_ATTRS = {
 }
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """An exception caused (anywhere in its chain) by a full disk: ENOSPC, or SQLite's "disk is full"."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _check_args(eval_callback, allowed_accuracy_drop, drop_type, higher_is_better, n_trials, timeout, seed,
                 select, output_dir, study_name, heartbeat_interval, eval_timeout, objective,
                 measure_latency) -> None:
@@ -336,6 +351,9 @@ def optimize(
         raise
     except Exception as exc:  # a bug of ours (or an unexpected third-party failure): say so, keep the study
         where = current_stage.get()
+        if _disk_full(exc):
+            raise OutputDirError(f"no space left on the device (stage {where!r}): free some space, then rerun the "
+                                 "same call: the study's completed trials are kept and it resumes") from exc
         _log.error("autoquant: internal error in stage %s", where, exc_info=True)
         raise InternalError(f"autoquant failed in stage {where!r}: {type(exc).__name__}: {str(exc)[:300]}. The "
                             "study's completed trials are kept (rerun to resume); the traceback is in the "

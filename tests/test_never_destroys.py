@@ -1,7 +1,9 @@
 """A search never dies and never destroys: outputs never touch inputs, studies sharing a folder or a database keep
 their files, broken storages get a StorageError, and values from callbacks or the model cannot crash the study."""
 
+import contextlib
 import multiprocessing
+import os
 import warnings
 from pathlib import Path
 
@@ -212,3 +214,41 @@ def test_ctrl_c_during_a_trial_requeues_its_config_and_leaves_no_partial_file(de
                search_space=SPACE2, allowed_accuracy_drop=0.2)
     redone = [t for t in r.study.trials if t.user_attrs.get("retry_of") == 0]
     assert redone and redone[0].state.name == "COMPLETE"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MB tmpfs (needs root, as CI runs; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_mid_run_is_an_output_dir_error_and_the_rerun_resumes(demo, tiny_disk):
+    calls = []
+
+    def evaluate(path):
+        calls.append(path)
+        if len(calls) == 3:  # another process fills the disk during the second quantized trial's eval
+            with open(tiny_disk / "filler", "wb") as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 65536)
+        return demo.evaluate(path)
+
+    space = {"knobs": {**BASE, "calibration": ["minmax", "percentile"], "weight_granularity": ["per_tensor", "per_channel"]}}
+    out = tiny_disk / "o"
+    with pytest.raises(OutputDirError, match="no space left"):
+        _quiet(str(demo.model_path), demo.calibration_data, evaluate, output_dir=out, n_trials=6, search_space=space,
+               allowed_accuracy_drop=0.2)
+    (tiny_disk / "filler").unlink()
+    r = _quiet(str(demo.model_path), demo.calibration_data, demo.evaluate, output_dir=out, n_trials=6,
+               search_space=space, allowed_accuracy_drop=0.2)
+    complete = [t for t in r.study.trials if t.state.name == "COMPLETE"]
+    assert complete[0].number == 0 and Path(r.model_path).is_file()  # the trial scored before the fault survived
