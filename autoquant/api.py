@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import numbers
@@ -16,7 +15,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -38,7 +37,7 @@ from . import variants
 from .launch import calibration_ref, callable_ref
 from .cost import LATENCY_THREADING, SpeedMeter, macs_per_node
 from .repair import repair_point
-from .objective import (DETAILS, DONE_STATES, OBJECTIVES, BudgetReached, Objective, Scoring, Source,
+from .objective import (DETAILS, OBJECTIVES, BudgetReached, Objective, Scoring, Source,
                         check_metric)
 from .prune import Pruner
 from .refine import Refiner
@@ -700,8 +699,8 @@ def _rescore_lost_trials(study: optuna.Study, objective: Objective) -> list[str]
     queued = [t.number for t in lost if t.user_attrs.get("config") not in kept and requeue(study, t) is not None]
     if not lost:
         return []
-    note = (f"{len(lost)} completed trials' model files were missing or changed (trials {sorted(objective.lost)[:10]}); "
-            f"{len(queued)} configs were queued to be scored again")
+    note = (f"{len(lost)} completed trials' model files were missing or changed (trials "
+            f"{sorted(objective.lost)[:10]}); {len(queued)} configs were queued to be scored again")
     _log.warning(note)
     return [note]
 
@@ -709,7 +708,8 @@ def _rescore_lost_trials(study: optuna.Study, objective: Objective) -> list[str]
 def _deliverable_found(study: optuna.Study, objective: Objective) -> bool:
     """A feasible trial exists, and (when latency is measured) one that is not slower than fp32: a feasible but
     slower model does not end a ``stop_when_feasible`` search while trials remain."""
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")]
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("feasible")]
     if objective.latency is None:
         return bool(feasible)
     fp32_size = int(study.user_attrs["fp32_size_bytes"])

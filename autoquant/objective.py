@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 import json
+import logging
 import math
 import numbers
 import os
@@ -242,7 +242,8 @@ class Objective:
         t_build = time.perf_counter() - t_build
         sha, size = sha256_file(path), path.stat().st_size
         details: dict[str, Any] = {"sha256": sha, "model_file": str(path.relative_to(self.output_dir)),
-                                   "float_nodes": fallback, "float_why": self._float_why(config, src, fallback), "a16_nodes": list(mixed.a16_nodes),
+                                   "float_nodes": fallback, "float_why": self._float_why(config, src, fallback),
+                                   "a16_nodes": list(mixed.a16_nodes),
                                    "w4_nodes": list(mixed.w4_nodes), "variant": variant, "build_seconds": t_build,
                                    **refinements, **self._costs(src, config, fallback, mixed, variant)}
         if self.objective == "latency":  # the pre-scores compare trials by it

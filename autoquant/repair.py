@@ -233,8 +233,9 @@ def _bisect(objective: Objective, best, knob: str, steps: list, need: float, scr
 
     Along the ladder SQNR grows, and so do size and (mostly) latency. A step is *useful* when its build is
     still a compression ("every node float" never is: file <= NOT_A_COMPRESSION x fp32's) and, with
-    ``keep_fast``, a deliverable-fast one (<= COMPRESSED x fp32's, at fp32's latency or below). The top useful step is found by bisection on that, then the
-    smallest useful step whose screened SQNR reaches ``need`` (the top useful step when none does).
+    ``keep_fast``, a deliverable-fast one (<= COMPRESSED x fp32's, at fp32's latency or below). The top useful
+    step is found by bisection on that, then the smallest useful step whose screened SQNR reaches ``need``
+    (the top useful step when none does).
     Builds of steps not chosen are deleted."""
     scored: dict[int, tuple[float | None, dict, dict, Path]] = {}
 

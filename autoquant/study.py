@@ -247,7 +247,8 @@ def requeue(study: optuna.Study, trial, waiting: list[dict] | None = None) -> di
     params = dict(trial.system_attrs.get("fixed_params", {}))
     params.update(trial.params)
     if waiting is None:
-        waiting = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+        waiting = [t.system_attrs.get("fixed_params")
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
     if not params or params in waiting:
         return None
     study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
