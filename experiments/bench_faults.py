@@ -72,9 +72,15 @@ optimize(str(task.model_path), task.calibration_data, slow_eval, output_dir=sys.
 
 
 def _study(out: Path) -> optuna.Study | None:
-    url = f"sqlite:///{out / 'study.db'}"
-    names = optuna.get_all_study_names(url) if (out / "study.db").exists() else []
-    return optuna.load_study(study_name=names[0], storage=url) if names else None
+    """The study in ``out``, opened the way autoquant opens it (its lock serialises SQLite schema creation with
+    a child that may be creating it right now)."""
+    from autoquant.study import open_storage
+
+    if not (out / "study.db").exists():
+        return None
+    storage = open_storage(None, out)
+    names = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 
 def _complete(out: Path) -> set[int]:
