@@ -25,6 +25,7 @@ from .observers import make_observer
 from .modes import build_dynamic, build_weight_only
 from .qtypes import ONNX_INT_TYPES, quant_type, weight_quant_type
 from .stats import Statistics
+from .variants import save_model
 
 ROUNDING_MODES = ("nearest_even", "nearest_away")
 
@@ -180,7 +181,7 @@ def source_for(prepared_path: Path, config: dict[str, Any], mixed: MixedPrecisio
         if opset >= OPSET_FOR_LOW_OR_WIDE_BITS:
             return prepared_path
         converted = onnx.version_converter.convert_version(model, OPSET_FOR_LOW_OR_WIDE_BITS)
-        atomic_write(target, lambda tmp: onnx.save(converted, tmp))
+        atomic_write(target, lambda tmp: save_model(converted, tmp, data_name=f"{target.name}.data"))
     return target
 
 

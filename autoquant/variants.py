@@ -45,12 +45,23 @@ def cached_model(cache_dir: Path, work: Path, stem: str, make: Callable[[], tupl
             return PreparedModel(cached, m["sha256"], specs, m["steps"])
     proto, steps = make()
     path = work / cached.name
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    atomic_write(path, lambda tmp: save_model(proto, tmp, data_name=f"{cached.name}.data"))
     specs = input_specs(proto)
     prepared = PreparedModel(path, sha256_file(path), specs, steps)
     atomic_write_json(work / meta.name, {"sha256": prepared.sha256, "steps": steps,
                                          "input_specs": {k: [v[0], list(v[1])] for k, v in specs.items()}})
     return prepared
+
+
+def save_model(proto: onnx.ModelProto, path: str | Path, data_name: str) -> None:
+    """Save ``proto``; above LARGE_MODEL_BYTES its tensors go to ``data_name`` beside it (protobuf cannot
+    serialise 2 GB in one message), so a large model's cached copies stay external like the model itself."""
+    from .model import LARGE_MODEL_BYTES
+
+    if proto.ByteSize() > LARGE_MODEL_BYTES:
+        onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    else:
+        onnx.save(proto, str(path))
 
 
 def make_variant(base: onnx.ModelProto, variant: str) -> tuple[onnx.ModelProto, list[str]]:

@@ -175,3 +175,19 @@ def test_external_data_counts_in_the_fp32_size(task, tmp_path):
     total = (folder / "model.onnx").stat().st_size + (folder / "weights.bin").stat().st_size
     r = _run(task, tmp_path / "o", model=str(folder / "model.onnx"))
     assert r.fp32_size_bytes == total and r.size_ratio < 0.5  # int8 weights: about a quarter of the bytes
+
+
+def test_a_large_model_keeps_its_cached_copies_external(task, tmp_path, monkeypatch):
+    """Above the size protobuf can hold, the prepared model and its variants are cached with external data
+    (tested with the threshold lowered: a 2 GB model has no place in a unit test)."""
+    monkeypatch.setattr("autoquant.model.LARGE_MODEL_BYTES", 10_000)
+    r = _run(task, tmp_path / "o", n_trials=1)
+    cache = tmp_path / "o" / "cache"
+    data = sorted(p.name for p in cache.glob("prepared-*.onnx.data"))
+    assert data, sorted(p.name for p in cache.iterdir())
+    for onnx_file in cache.glob("prepared-*.onnx"):
+        proto = onnx.load(str(onnx_file), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), onnx_file
+    assert Path(r.model_path).is_file() and r.accuracy == task.evaluate(r.model_path)
+    again = _run(task, tmp_path / "o", n_trials=1)  # resumed from the cache
+    assert again.trial_number == r.trial_number and again.eval_calls == 0
