@@ -518,7 +518,7 @@ def _record_study(study: optuna.Study, eval_callback, fp32_path: Path, drop_type
     except TrialFailed as exc:
         raise ConfigError(f"{exc}; fix the callback (it scores the fp32 model first)") from None
     except Exception as exc:
-        raise ConfigError(f"eval_callback raised {type(exc).__name__}: {exc} on the fp32 model {fp32_path}; "
+        raise ConfigError(f"eval_callback raised {type(exc).__name__}: {str(exc)[:300]} on the fp32 model {fp32_path}; "
                           "fix the callback (it scores the fp32 model first)") from exc
     if drop_type == "relative" and baseline == 0:
         raise ConfigError("drop_type='relative' needs a non-zero fp32 score; the callback returned 0")

@@ -126,8 +126,15 @@ def _cmd_worker(args) -> int:
     return 0 if result.feasible else 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (exit code 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoquant: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="autoquant", description="Automatic quantization search for ONNX models.")
+    ap = _Parser(prog="autoquant", description="Automatic quantization search for ONNX models.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     o = sub.add_parser("optimize", help="search quantization configs and deliver the best feasible model")

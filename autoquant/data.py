@@ -51,7 +51,7 @@ class CalibrationSource:
             try:
                 out = self._data()
             except Exception as exc:
-                raise CalibrationDataError(f"the calibration_data callable raised {type(exc).__name__}: {exc}") from exc
+                raise CalibrationDataError(f"the calibration_data callable raised {type(exc).__name__}: {str(exc)[:300]}") from exc
             if not isinstance(out, Iterable) or isinstance(out, Mapping):
                 raise CalibrationDataError("the calibration_data callable must return an iterable of feeds")
             return out

@@ -264,7 +264,7 @@ class Objective:
             except TimeoutError:
                 raise TrialFailed(f"eval_callback took longer than eval_timeout={self.eval_timeout} s") from None
             except Exception as exc:
-                raise TrialFailed(f"eval_callback raised {type(exc).__name__}: {exc}") from None
+                raise TrialFailed(f"eval_callback raised {type(exc).__name__}: {str(exc)[:300]}") from None
             finally:
                 t_eval = time.perf_counter() - t1
             accuracy = check_metric(value, "eval_callback")
@@ -431,7 +431,7 @@ class Objective:
             except TrialFailed:
                 raise
             except Exception as exc:
-                raise TrialFailed(f"eval_subset_callback raised {type(exc).__name__}: {exc}") from None
+                raise TrialFailed(f"eval_subset_callback raised {type(exc).__name__}: {str(exc)[:300]}") from None
         if reason is not None:
             trial.set_user_attr("prune_reason", reason)
             trial.set_user_attr(DETAILS, details)

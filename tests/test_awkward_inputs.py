@@ -191,3 +191,9 @@ def test_a_large_model_keeps_its_cached_copies_external(task, tmp_path, monkeypa
     assert Path(r.model_path).is_file() and r.accuracy == task.evaluate(r.model_path)
     again = _run(task, tmp_path / "o", n_trials=1)  # resumed from the cache
     assert again.trial_number == r.trial_number and again.eval_calls == 0
+
+
+def test_cli_usage_errors_are_one_line(tmp_path):
+    _assert_one_line_error(_cli("optimize", cwd=tmp_path), "the following arguments are required")
+    _assert_one_line_error(_cli("optimize", "m.onnx", "--calib", "c", "--eval", "e:f", "--n-trials", "abc",
+                                cwd=tmp_path), "invalid int value")
