@@ -332,27 +332,11 @@ MAKERS = {"ppocr_rec": make_ppocr, "minilm": make_minilm, "yolov8_doclaynet": ma
 # methods and measurements
 # ---------------------------------------------------------------------------------------------------
 def run_ort_compute_pc(task: Task, work: Path) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+    """quantize_static with the one-line fast recipe: MatMul / Conv / Gemm only, per-channel, MinMax, QDQ."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = task.calibration()
-
-        def get_next(self):
-            return next(self.it, None)
-
-    log = CallLog(task.n_items)
-    evaluate = counted_eval(task, log)
-    out = work / f"{task.key}_ort_compute_pc.onnx"
-    t0 = time.perf_counter()
-    evaluate(str(task.model_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger().setLevel(logging.ERROR)
-        quantize_static(str(task.model_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
-    accuracy = evaluate(str(out))
-    return {"model": out, "accuracy": accuracy, "log": log, "wall": time.perf_counter() - t0}
+    return run_ort_default(task, work, "ort_compute_pc", quant_format=QuantFormat.QDQ, per_channel=True,
+                           op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
 
 
 def file_bytes(path: Path) -> int:

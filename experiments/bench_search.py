@@ -344,7 +344,8 @@ def sensitivity_cost(out_dir: Path, stats_key: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------------------------------
-def run_ort_default(task: Task, work: Path) -> dict[str, Any]:
+def run_ort_default(task: Task, work: Path, method: str = "ort_default", **quantize_kwargs) -> dict[str, Any]:
+    """ORT's quantize_static on the task's calibration feeds: its defaults, or ``quantize_kwargs`` on top."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -356,16 +357,16 @@ def run_ort_default(task: Task, work: Path) -> dict[str, Any]:
 
     log = CallLog(task.n_items)
     evaluate = counted_eval(task, log)
-    out = work / f"{task.key}_ort_default.onnx"
+    out = work / f"{task.key}_{method}.onnx"
     t0 = time.perf_counter()
     baseline = evaluate(str(task.model_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger().setLevel(logging.ERROR)  # ORT's "please consider pre-processing" warnings
-        quantize_static(str(task.model_path), str(out), Reader())
+        quantize_static(str(task.model_path), str(out), Reader(), **quantize_kwargs)
     accuracy = evaluate(str(out))
     wall = time.perf_counter() - t0
-    return {"method": "ort_default", "model": out, "accuracy": accuracy, "baseline": baseline, "log": log, "wall": wall,
+    return {"method": method, "model": out, "accuracy": accuracy, "baseline": baseline, "log": log, "wall": wall,
             "detail": "quantize_static defaults: QDQ, MinMax, per-tensor, activations QInt8, weights QInt8"}
 
 
