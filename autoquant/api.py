@@ -36,7 +36,7 @@ from .model import (PreparedModel, compute_nodes, ensure_node_names, file_size_w
 from . import variants
 from .launch import calibration_ref, callable_ref
 from .cost import LATENCY_THREADING, SpeedMeter, macs_per_node
-from .repair import repair_point
+from .repair import deliverable_fast, repair_point
 from .objective import (DETAILS, OBJECTIVES, BudgetReached, Objective, Scoring, Source,
                         check_metric)
 from .prune import Pruner
@@ -708,12 +708,8 @@ def _rescore_lost_trials(study: optuna.Study, objective: Objective) -> list[str]
 def _deliverable_found(study: optuna.Study, objective: Objective) -> bool:
     """A feasible trial exists, and (when latency is measured) one that is not slower than fp32: a feasible but
     slower model does not end a ``stop_when_feasible`` search while trials remain."""
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("feasible")]
-    if objective.latency is None:
-        return bool(feasible)
-    fp32_size = int(study.user_attrs["fp32_size_bytes"])
-    return any(not_slower_than_fp32(t, objective.latency.threading, fp32_size) for t in feasible)
+    return any(t.user_attrs.get("feasible") and deliverable_fast(study, objective, t)
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _past_timeout(study: optuna.Study, t_start: float, timeout: float) -> Callable[[], bool]:

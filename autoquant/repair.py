@@ -108,7 +108,7 @@ def scope_ladder(domain, current) -> list[str]:
     return [v for v in NARROWING[NARROWING.index(current) + 1:] if v in domain.values]
 
 
-def _fast(study: optuna.Study, objective: Objective, t) -> bool:
+def deliverable_fast(study: optuna.Study, objective: Objective, t) -> bool:
     """Deliverable as fast: not slower than fp32 and compressed, as the delivery rule judges it
     (autoquant.select.not_slower_than_fp32; always True without a latency meter)."""
     return objective.latency is None or not_slower_than_fp32(t, objective.latency.threading,
@@ -120,9 +120,11 @@ def _most_accurate(study: optuna.Study, objective: Objective) -> optuna.trial.Fr
     most accurate trial among those not slower than fp32 (a repair keeps what makes it fast), or among all
     when none is."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete or any(t.user_attrs.get("feasible") and _fast(study, objective, t) for t in complete):
+    if not complete or any(t.user_attrs.get("feasible") and deliverable_fast(study, objective, t)
+                           for t in complete):
         return None
-    candidates = [t for t in complete if _fast(study, objective, t) and not t.user_attrs.get("feasible")]
+    candidates = [t for t in complete
+                  if deliverable_fast(study, objective, t) and not t.user_attrs.get("feasible")]
     if not candidates:
         if any(t.user_attrs.get("feasible") for t in complete):
             return None  # feasible but slower, and nothing fast to repair: raising precision makes it no faster
@@ -164,7 +166,7 @@ def repair_point(study: optuna.Study, objective: Objective) -> tuple[str, dict[s
     need = required_sqnr(sqnr, drop, allowed, per_decade)
     screen_dir = objective.trial_dir / "screen"
     screen_dir.mkdir(parents=True, exist_ok=True)
-    keep_fast = objective.latency is not None and _fast(study, objective, best)
+    keep_fast = objective.latency is not None and deliverable_fast(study, objective, best)
     for knob, what in LADDERS:
         if knob not in best.params:  # fixed by the space, or not active for this config (a16_k: 8-bit acts only)
             continue
