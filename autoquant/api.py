@@ -604,23 +604,26 @@ def _sources(models: dict[str, PreparedModel], statistics: dict, cache_dir: Path
 
 def _ranking_measure(model: PreparedModel, statistics, cache_dir: Path, precisions: tuple[str, ...],
                      degraded: Degradations | None = None):
-    """The ranking function of a Source: measures one precision on first call (``precisions`` lists the
-    ones the space may ask for), keeps every SQNR so far in ``measure.sensitivity`` and its wall time in
-    ``measure.seconds`` (result.timings). If the measurement fails, the ranking degrades to graph order
-    (recorded) and the search goes on."""
+    """The ranking function of a Source: measures one precision for the fallback candidates asked (those not
+    measured yet; ``precisions`` lists the precisions the space may ask for), keeps every SQNR so far in
+    ``measure.sensitivity`` and its wall time in ``measure.seconds`` (result.timings). If the measurement
+    fails, the ranking degrades to graph order (recorded) and the search goes on."""
     table = {}
+    candidates: list[str] = []  # compute_nodes(), read on first need
 
-    def measure(precision: str) -> list[str]:
+    def measure(precision: str, wanted: list[str]) -> list[str]:
         t0 = time.perf_counter()
         try:
-            return _measure(precision)
+            return _measure(precision, set(wanted))
         finally:
             measure.seconds += time.perf_counter() - t0
 
-    def _measure(precision: str) -> list[str]:
+    def _measure(precision: str, wanted: set[str]) -> list[str]:
         if precision not in precisions:
             raise AssertionError(f"precision {precision} not in the space's {precisions}")
-        nodes = compute_nodes(model.load())
+        if not candidates:
+            candidates.extend(compute_nodes(model.load()))
+        nodes = [n for n in candidates if n in wanted]  # the fallback candidates the asking trial can place
         got = None
         with (degraded or Degradations()).guard(f"sensitivity ({precision})",
                                                 "nodes are ranked in graph order for fallback_k / a16_k / w4_fraction"):

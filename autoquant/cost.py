@@ -125,14 +125,18 @@ class SpeedMeter:
 
     def __init__(self, fp32_path: str | Path, feed: dict[str, np.ndarray], threading: str = "default"):
         self.threading = threading
-        self._single = LatencyMeter(fp32_path, feed, threads=1)
-        self._default = LatencyMeter(fp32_path, feed, threads=0)
+        self._meters = {t: LatencyMeter(fp32_path, feed, threads=n) for t, n in LATENCY_THREADING.items()}
 
-    def measure(self, path: str | Path) -> dict[str, float]:
-        ms, ratio = self._single.measure(path)
-        ms_mt, ratio_mt = self._default.measure(path)
-        return {"latency_ms": ms, "latency_ratio": ratio, "latency_ms_default_threads": ms_mt,
-                "latency_ratio_default_threads": ratio_mt}
+    def measure(self, path: str | Path, details: dict | None = None, *, both: bool = True) -> dict[str, float]:
+        """The latency keys of the model at ``path`` not yet in ``details``: the delivery rule's threading, and
+        with ``both`` the other one too (the report shows both; a trial pruned on the first one never pays
+        for the second)."""
+        details = details or {}
+        out = {}
+        for t in (self.threading, *(o for o in LATENCY_THREADING if o != self.threading and both)):
+            if MS_KEY[t] not in details:
+                out[MS_KEY[t]], out[RATIO_KEY[t]] = self._meters[t].measure(path)
+        return out
 
     def ratio(self, details: dict) -> float | None:
         """The ratio the delivery rule uses, from a trial's details."""

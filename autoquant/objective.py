@@ -107,7 +107,7 @@ class Source:
     nodes: frozenset[str]
     macs: dict[str, int]  # per Conv/Gemm/MatMul node, for bit operations
     always_float: dict[str, str]  # nodes never quantized in this variant -> why (unfolded BatchNorm, masking values)
-    measure_ranking: Callable[[str], list[str]]  # nodes most sensitive first at a precision (w8a8, w4a8)
+    measure_ranking: Callable[[str, list[str]], list[str]]  # (precision, nodes) -> those nodes, most sensitive first
     op_types: dict[str, str] = field(default_factory=dict)  # node name -> op type (the trial's quantize_ops)
     node_io: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node name -> its input and output tensors
     _rankings: dict[str, list[str]] = field(default_factory=dict)
@@ -118,12 +118,22 @@ class Source:
             return None
         return {t for n, io in self.node_io.items() if in_scope(self.op_types.get(n, ""), quantize_ops) for t in io}
 
-    def ranking(self, precision: str) -> list[str]:
-        """Sensitivity ranking at ``precision``, measured on first need (a search that never places
-        4-bit weights never pays for the w4a8 pass)."""
-        if precision not in self._rankings:
-            self._rankings[precision] = self.measure_ranking(precision)
-        return self._rankings[precision]
+    def ranking(self, precision: str, quantize_ops: str | None = None, weighted_only: bool = False) -> list[str]:
+        """Sensitivity ranking at ``precision`` of the nodes a trial can place there: the nodes its
+        ``quantize_ops`` scope quantizes (``weighted_only``: only those with a weight, for w4_fraction),
+        minus the ones always float. Measured on first need, and only for those nodes (a search that never
+        places 4-bit weights never pays for the w4a8 pass; a compute-only scope does not measure the
+        elementwise nodes); each node's SQNR does not depend on which others are measured, so a ranking
+        is the same as the whole ranking filtered to its nodes."""
+        key = (precision, quantize_ops or "all", weighted_only)
+        if key not in self._rankings:
+            nodes = [n for n in self.nodes_in_graph_order() if n not in self.always_float
+                     and in_scope(self.op_types.get(n, ""), quantize_ops) and (not weighted_only or n in self.macs)]
+            self._rankings[key] = self.measure_ranking(precision, nodes) if nodes else []
+        return self._rankings[key]
+
+    def nodes_in_graph_order(self) -> list[str]:
+        return [n for n in self.op_types if n in self.nodes] if self.op_types else sorted(self.nodes)
 
 
 #: states that count towards n_trials: a verdict was reached (scored, or pruned as hopeless)
@@ -247,11 +257,11 @@ class Objective:
                                    "w4_nodes": list(mixed.w4_nodes), "variant": variant, "build_seconds": t_build,
                                    **refinements, **self._costs(src, config, fallback, mixed, variant)}
         if self.objective == "latency":  # the pre-scores compare trials by it
-            self._measure_latency(path, details)
+            self._measure_latency(path, details, both=False)
         reused = self._identical_completed_trial(trial, sha)
         if reused is None and self.pruner is not None:
             self._prescore(trial, path, details, sqnr)
-        self._measure_latency(path, details)  # after pruning: a pruned trial is never timed
+        self._measure_latency(path, details)  # after pruning: a pruned trial is never timed at both threadings
         t_eval = 0.0
         if reused is not None:  # byte-identical file already scored: its score is this file's score
             accuracy = float(reused.user_attrs["accuracy"])
@@ -359,7 +369,7 @@ class Objective:
         sqnr = latency = None
         with self.degradations.guard("screening (output SQNR, latency)", "that point is ranked as unscreened"):
             sqnr = self.pruner.sqnr(path)
-            latency = self.latency.measure(path) if self.latency is not None else None
+            latency = self.latency.measure(path, both=False) if self.latency is not None else None
         self._screened[json.dumps(config, sort_keys=True)] = (path, refinements, sqnr, latency)
         return sqnr
 
@@ -381,12 +391,11 @@ class Objective:
         fallback, a16, w4 = [], [], []
         if config["fallback_k"] or config.get("a16_k"):
             # only nodes the trial's scope quantizes: a node outside it is float already
-            order = [n for n in src.ranking("w8a8") if n not in src.always_float
-                     and in_scope(src.op_types.get(n, ""), config.get("quantize_ops"))]
+            order = src.ranking("w8a8", config.get("quantize_ops"))
             fallback = order[: config["fallback_k"]]
             a16 = order[config["fallback_k"]: config["fallback_k"] + config.get("a16_k", 0)]
         if config.get("w4_fraction"):
-            weighted = [n for n in reversed(src.ranking("w4a8")) if n in src.macs and n not in fallback]
+            weighted = [n for n in reversed(src.ranking("w4a8", weighted_only=True)) if n not in fallback]
             w4 = weighted[: int(config["w4_fraction"] * len(weighted))]
         return fallback, MixedPrecision(tuple(a16), tuple(w4))
 
@@ -421,7 +430,7 @@ class Objective:
             return
         reason = self.pruner.sqnr_verdict(trial.study, sqnr)  # far below an infeasible trial: needs no timing
         if reason is None:
-            self._measure_latency(path, details)
+            self._measure_latency(path, details, both=False)
             cost = float(path.stat().st_size if self.objective == "size" else details[self._objective_key])
             read = self.latency.ratio if self.latency is not None else None  # a slower feasible trial dominates nothing
             reason = self.pruner.sqnr_verdict(trial.study, sqnr, cost, read, read(details) if read else None)
@@ -443,14 +452,14 @@ class Objective:
         b = bops(src.macs, config, fallback, mixed.a16_nodes, mixed.w4_nodes)
         return {"bops": b, "bops_ratio": b / self.fp32_bops[variant] if self.fp32_bops[variant] else None}
 
-    def _measure_latency(self, path: Path, details: dict) -> None:
-        """Both latency ratios of the trial file into ``details`` (once; from its screening when it had one)."""
-        if self.latency is None or "latency_ms" in details:
+    def _measure_latency(self, path: Path, details: dict, *, both: bool = True) -> None:
+        """The trial file's latency ratio at the delivery rule's threading into ``details`` (from its screening
+        when it had one), and with ``both`` the other threading's too; each measured once."""
+        if self.latency is None:
             return
-        measured = self._screened_latency.pop(str(path), None)
+        details.update(self._screened_latency.pop(str(path), None) or {})
         with self.degradations.guard("latency", "that trial has no latency ratio (it is not delivered as fast)"):
-            measured = measured or self.latency.measure(path)
-        details.update(measured or {})
+            details.update(self.latency.measure(path, details, both=both))
 
     def _same_config_trial(self, trial: optuna.Trial, config: dict):
         """A finished (COMPLETE or PRUNED) trial with exactly this config, if any: samplers propose

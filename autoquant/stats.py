@@ -82,12 +82,19 @@ class _StreamingHistogram:
         while amax > self.half_range:
             self._double()
         # uniform bins: a bin index and np.bincount count 3x faster than np.histogram (values on a bin edge
-        # may land one bin off, as float32 rounding decides). float64 scale: float32 edges near its max
-        # overflow to inf; the top value |x| = half_range goes to the last bin, as np.histogram's closed end
+        # may land one bin off, as float32 rounding decides). bins / (2 * half_range) is a power of two, so
+        # x * scale is exact in float32 (|x| <= half_range: no overflow) and floor(x * scale) + bins / 2 is the
+        # float64 index floor(x * scale + bins / 2) without a float64 copy; the top value |x| = half_range
+        # goes to the last bin, as np.histogram's closed end
         bins = len(self.hist)
-        idx = (x.astype(np.float64, copy=False) * (bins / (2.0 * self.half_range)) + bins / 2).astype(np.int64)
+        scale = bins / (2.0 * self.half_range)
+        work = np.float32 if 2.0 ** -100 < scale < 2.0 ** 100 else np.float64  # float32 cannot hold the scale
+        y = np.multiply(x, work(scale), dtype=work)
+        np.floor(y, out=y)
+        idx = y.astype(np.int32).ravel()
+        idx += bins // 2
         np.clip(idx, 0, bins - 1, out=idx)
-        self.hist += np.bincount(idx.ravel(), minlength=bins)
+        self.hist += np.bincount(idx, minlength=bins)
 
     def _double(self) -> None:
         b = len(self.hist)

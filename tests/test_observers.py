@@ -112,3 +112,27 @@ def test_non_finite_activations_are_left_out_of_the_statistics():
     for method in sorted(OBSERVERS):
         lo, hi = make_observer(method).range(st, 8, False)
         assert np.isfinite(lo) and np.isfinite(hi)
+
+
+def test_entropy_threshold_matches_onnxruntime():
+    """autoquant's vectorized KL search gives ORT's HistogramCollector thresholds exactly (heavy tails, spikes,
+    empty bins, one-sided data, int8 and int4 levels)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from autoquant.observers.entropy import ENTROPY_BINS, entropy_threshold
+
+    rng = np.random.default_rng(0)
+    edges = np.linspace(-4.0, 4.0, ENTROPY_BINS + 1).astype(np.float32)
+    hists = [np.histogram(rng.standard_t(3, 5000).clip(-4, 4), edges)[0],
+             np.histogram(np.abs(rng.normal(0, 1, 3000)).clip(0, 4), edges)[0],
+             np.bincount(rng.integers(200, 300, 400), minlength=ENTROPY_BINS)]
+    spiky = np.zeros(ENTROPY_BINS, np.int64)
+    spiky[[10, 256, 257, 300, 511]] = [1, 900, 50, 7, 2]
+    hists.append(spiky)
+    for hist in hists:
+        for nq in (128, 8):
+            collector = HistogramCollector(method="entropy", symmetric=True, num_bins=ENTROPY_BINS,
+                                           num_quantized_bins=nq, percentile=99.99, scenario="same")
+            want = collector.get_entropy_threshold((hist, edges, np.float32(-9), np.float32(9)), nq)
+            got = entropy_threshold(hist, edges, nq)
+            assert (float(got[0]), float(got[1])) == (float(want[0]), float(want[1]))

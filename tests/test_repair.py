@@ -96,6 +96,23 @@ def test_a_trial_is_repaired_once(demo, tmp_path):
     assert targets and len(targets) == len(set(targets))
 
 
+def test_the_next_close_trial_is_repaired_when_the_most_accurate_cannot_be(demo, tmp_path):
+    # entropy calibration on the demo: trial 0 (compute) and 1 (compute_and_movement) both score 0.961; the repair
+    # of trial 0 (2 nodes float) reaches 0.973 but has no useful step left, so trial 1, as close to the limit
+    # as trial 0 was, is repaired next instead of the search handing over to the sampler
+    space = {**BASE, "calibration": "entropy", "quantize_ops": ["compute_and_movement", "compute"],
+             "fallback_k": [0, 1, 2, 3], "a16_k": [0, 1, 2]}
+    r, _ = run(demo, tmp_path, space, n_trials=4, allowed_accuracy_drop=0.0, measure_latency=False, seed=0)
+    trials = r.study.get_trials(deepcopy=False)
+    repairs = [t for t in trials if REPAIR_OF in t.user_attrs]
+    targets = [t.user_attrs[REPAIR_OF] for t in repairs]
+    assert len(targets) >= 2 and len(set(targets)) == len(targets)
+    later = repairs[1]
+    before = [t for t in trials[: later.number] if t.state == TrialState.COMPLETE]
+    most_accurate = max(before, key=lambda t: (t.user_attrs["accuracy"], -t.number))
+    assert later.user_attrs[REPAIR_OF] != most_accurate.number  # not the most accurate: a close one
+
+
 def test_db_per_decade_is_fitted_on_clear_drops_and_bounded():
     pts = [(10.0, 0.1), (30.0, 0.001)]  # two decades over 20 dB
     assert db_per_decade(pts, 0.001) == pytest.approx(10.0)
