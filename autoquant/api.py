@@ -26,7 +26,7 @@ from . import stats as stats_mod
 from ._io import atomic_copy, atomic_write, atomic_write_json, remove_stale_tmp, sha256_bytes, sha256_file
 from .build import RangeCache
 from .data import CalibrationSource
-from .encodings import write_encodings
+from .deploy import DELIVERED_FLOAT_MODEL, is_dynamic, roundtrip_max_abs_diff, write_deployment
 from .errors import (AutoQuantError, ConfigError, InternalError, ModelError, NoCompletedTrialError, OutputDirError,
                      StorageError, TrialFailed)
 from .stages import Degradations, current_stage, stage
@@ -52,6 +52,8 @@ from .study import (DEFAULT_HEARTBEAT, GRACE_FACTOR, count, create_or_load, file
 _log = logging.getLogger("autoquant")
 DELIVERED_MODEL = "quantized.onnx"
 DELIVERED_ENCODINGS = "quantized.encodings.json"
+#: calibration feeds the delivered encodings are re-imported and compared on (result.roundtrip_max_abs_diff)
+ROUNDTRIP_FEEDS = 2
 EXPORT_SUFFIX = {"aimet": ".encodings.json", "aimet-0.6.1": ".encodings-0.6.1.json", "tensorrt-cache": ".trt-calib.cache",
                  "ncnn-table": ".ncnn.table"}
 STUDY_ATTRS = {
@@ -475,7 +477,8 @@ def _optimize(model, calibration_data, eval_callback, allowed_accuracy_drop, dro
             )
         _record_sensitivity(study, sources[default])  # the rankings the trials measured (on first need)
         with stage("delivery"):
-            result = _deliver(study, out, select, higher_is_better, scoring, latency_threading, degraded)
+            result = _deliver(study, out, select, higher_is_better, scoring, latency_threading, degraded,
+                              statistics[variants.BASE].samples[:ROUNDTRIP_FEEDS])
         result.eval_calls = eval_calls + objective.eval_calls
         result.warnings = notes + degraded.notes + result.warnings
         timings["total"] = time.perf_counter() - t_start
@@ -735,7 +738,8 @@ def _enqueue_repair(study: optuna.Study, objective: Objective) -> None:
 
 
 def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool, scoring: Scoring,
-             threading: str = "default", degraded: Degradations | None = None) -> OptimizeResult:
+             threading: str = "default", degraded: Degradations | None = None,
+             feeds: list[dict] | None = None) -> OptimizeResult:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         reasons = sorted({t.user_attrs.get("fail_reason", t.system_attrs.get("fail_reason", "unknown"))
@@ -760,10 +764,18 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
     if sha256_file(model_path) != details["sha256"]:  # the delivered file is the scored file, byte for byte
         raise AutoQuantError("delivered model differs from the scored trial file (disk error?)")
     degraded = degraded or Degradations()
-    enc_path = None
-    with degraded.guard("encodings", "no quantized.encodings.json was written; the model is delivered"):
-        enc_path = write_encodings(model_path, out / DELIVERED_ENCODINGS)
     notes = _delivery_warnings(chosen, complete, scoring, threading, fp32_size)
+    enc_path = float_path = roundtrip = None
+    if is_dynamic(model_path):  # not a failure: no file format holds scales computed at run time
+        _log.info("no encodings: the delivered model uses dynamic quantization, whose activation scales ONNX "
+                  "Runtime computes at run time; deploy quantized.onnx with ONNX Runtime")
+    else:
+        with degraded.guard("encodings", f"no {DELIVERED_ENCODINGS} / {DELIVERED_FLOAT_MODEL} was written; the "
+                                         f"model is delivered"):
+            enc_path, float_path = write_deployment(model_path, out, DELIVERED_ENCODINGS)
+    if enc_path is not None and feeds:
+        with degraded.guard("round trip", "the encodings were not checked against the delivered model"):
+            roundtrip = roundtrip_max_abs_diff(float_path, enc_path, model_path, feeds)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
     result = OptimizeResult(
@@ -775,6 +787,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         preparation=dict(study.user_attrs.get("preparation", {})),
         latency_ratio=details.get("latency_ratio"), bops_ratio=details.get("bops_ratio"),
         latency_ratio_default_threads=details.get("latency_ratio_default_threads"), warnings=notes,
+        float_model_path=str(float_path) if float_path else None, roundtrip_max_abs_diff=roundtrip,
     )
     fmt = (study.user_attrs.get("search_space", {}).get("target") or {}).get("export")
     if fmt:  # the target runtime's own file, next to the model
@@ -792,6 +805,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
             _log.info("matplotlib not installed: no pareto.png")
     atomic_write_json(out / "result.json", {
         "model_path": DELIVERED_MODEL, "encodings_path": DELIVERED_ENCODINGS if enc_path else None,
+        "float_model_path": DELIVERED_FLOAT_MODEL if float_path else None, "roundtrip_max_abs_diff": roundtrip,
         "sha256": details["sha256"],
         "accuracy": result.accuracy, "baseline_accuracy": result.baseline_accuracy, "drop": result.drop,
         "feasible": result.feasible, "trial_number": result.trial_number, "config": result.config,

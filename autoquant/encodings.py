@@ -10,14 +10,12 @@ type q_u = q + 2^(bw-1), so offset = -(zero_point + 2^(bw-1)) (symmetric int8: o
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ._io import atomic_write_json
 from .qtypes import ONNX_INT_TYPES
 
 VERSION = "1.0.0"
@@ -89,6 +87,3 @@ def encodings_from_model(model: onnx.ModelProto) -> dict[str, Any]:
         "param_encodings": sorted(params.values(), key=lambda e: e["name"]),
     }
 
-
-def write_encodings(model_path: str | Path, out_path: str | Path) -> Path:
-    return atomic_write_json(out_path, encodings_from_model(onnx.load(str(model_path))))

@@ -30,18 +30,36 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.calibrate import (
+    TensorData,
+    TensorsData,
+    save_tensors_data,
+)
 from onnxruntime.quantization.quant_utils import ONNX_TYPE_TO_NP_TYPE
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from ._io import atomic_write, atomic_write_json
+from ._io import atomic_write
 from .build import OPSET_FOR_LOW_OR_WIDE_BITS, keep_fallback_float, weight_channel_axes
+from .deploy import (
+    deployment,
+    float_model_path,
+    refuse_dynamic,
+    rename_encodings,
+    save_float_model,
+)
 from .encodings import encodings_from_model
 from .errors import ConfigError, ModelError
 from .qtypes import ONNX_INT_TYPES, quant_type
 
 FORMATS = ("aimet", "aimet-0.6.1", "tensorrt-cache", "ncnn-table")
+#: the ONNX ops whose ncnn layers ncnn2int8 quantizes (Convolution / ConvolutionDepthWise, InnerProduct)
+NCNN_INT8_OPS = ("Conv", "Gemm")
 
 #: TensorRT 8.6.1's entropy-calibrator header. TensorRT checks the version digits and some releases
 #: refuse a cache made for another one: then edit the number to the local TensorRT's.
@@ -54,16 +72,26 @@ _WIDE = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UIN
 
 
 def export(model_path: str | Path, out_path: str | Path, fmt: str) -> Path:
-    """Write the quantization parameters of the QDQ model at ``model_path`` to ``out_path`` as ``fmt``."""
+    """Write the quantization parameters of the QDQ model at ``model_path`` to ``out_path`` as ``fmt``, and the
+    float model they refer to beside it (:func:`autoquant.deploy.float_model_path`: the delivered model's graph
+    with its exact dequantized weights, see autoquant.deploy). Tensor names are that float model's. A model the
+    format cannot represent (dynamic quantization; nothing the format holds; weights a runtime would requantize
+    to other integers) is refused with a ConfigError before anything is written."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    model = _load(model_path)
-    if fmt == "aimet":
-        return atomic_write_json(out_path, encodings_from_model(model))
-    if fmt == "aimet-0.6.1":
-        return atomic_write_json(out_path, legacy_encodings(encodings_from_model(model)))
-    text = tensorrt_cache(model) if fmt == "tensorrt-cache" else ncnn_table(model)
-    return atomic_write(out_path, lambda tmp: Path(tmp).write_text(text))
+    qdq = _load(model_path)
+    out, float_path = Path(out_path), float_model_path(out_path)
+    if float_path.resolve() == Path(model_path).resolve():
+        raise ConfigError(f"export to {out} would write its float model over {model_path}; name another file")
+    fg, enc = deployment(qdq)
+    if fmt in ("aimet", "aimet-0.6.1"):
+        if not enc["activation_encodings"] and not enc["param_encodings"]:
+            raise ConfigError(f"{model_path} quantizes no tensor: an encodings file would be empty")
+        text = json.dumps(enc if fmt == "aimet" else legacy_encodings(enc), indent=2)
+    else:
+        text = tensorrt_cache(qdq, fg) if fmt == "tensorrt-cache" else ncnn_table(qdq)
+    save_float_model(fg, float_path)
+    return atomic_write(out, lambda tmp: Path(tmp).write_text(text))
 
 
 def _load(path: str | Path) -> onnx.ModelProto:
@@ -108,7 +136,27 @@ def legacy_encodings(enc: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- TensorRT
 
-def tensorrt_cache(model: onnx.ModelProto) -> str:
+def _trt_requantizes_differently(model: onnx.ModelProto) -> list[str]:
+    """Weights whose integers TensorRT's implicit int8 would not reproduce: it derives each Conv / Gemm /
+    MatMul weight's scale per output channel as max |w| / 127 from the float model, so a channel whose
+    largest integer is not +-127 (per-tensor scales, a clipped range, a rounding that moved the maximum) gets
+    another scale and other integers."""
+    dq = _dequantized(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    bad = []
+    for node in model.graph.node:
+        w = dq.get(node.input[1]) if node.op_type in _WEIGHT_OPS and len(node.input) > 1 else None
+        if w is None or w.source not in inits:
+            continue
+        q = numpy_helper.to_array(inits[w.source]).astype(np.int64)
+        axis = _output_axis(node)
+        peak = np.abs(np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1)).max(axis=1)
+        if w.elem_type != TensorProto.INT8 or w.zero_point.any() or np.any(peak[peak > 0] != 127):
+            bad.append(node.name or node.output[0])
+    return bad
+
+
+def tensorrt_cache(model: onnx.ModelProto, fg=None) -> str:
     """TensorRT calibration cache: the header line, then ``<tensor>: <scale as big-endian float32 hex>``.
 
     Checked against onnxruntime's TensorRT EP reader ``ReadDynamicRange`` ("tensor name : scale in
@@ -118,17 +166,26 @@ def tensorrt_cache(model: onnx.ModelProto) -> str:
     and TensorRT picks weight scales itself. Only symmetric int8 activations are representable: other
     encodings are refused rather than re-ranged to max(|min|, |max|) / 127, which would change them.
     """
-    outputs = {o.name for o in model.graph.output}
-    acts = encodings_from_model(model)["activation_encodings"]
-    bad = [f"{_float_name(e['name'], outputs)} ({'' if e['is_sym'] else 'affine '}{e['bw']}-bit)" for e in acts
+    fg, enc = deployment(model) if fg is None else (fg, None)
+    acts = (enc or rename_encodings(encodings_from_model(model), fg.renamed))["activation_encodings"]
+    if not acts:
+        raise ConfigError("model quantizes no activation (weight-only): a TensorRT calibration cache would be "
+                          "empty; deploy the QDQ model, or search static mode")
+    bad = [f"{e['name']} ({'' if e['is_sym'] else 'affine '}{e['bw']}-bit)" for e in acts
            if e["bw"] != 8 or not e["is_sym"]]
     if bad:
         raise ConfigError(
             f"model is not TensorRT-compatible: a TensorRT calibration cache holds symmetric int8 activation "
             f"scales only, and {len(bad)} activation(s) are not: {_listing(bad)}. Quantize with symmetric int8 "
             f"activations (activation_bits: 8, activation_symmetric: true; e.g. the tensorrt target)")
+    if requant := _trt_requantizes_differently(model):
+        raise ConfigError(
+            f"TensorRT's implicit int8 would requantize the weights of {len(requant)} layer(s) to other integers "
+            f"({_listing(requant)}): it takes max |w| / 127 per output channel, and these weights are not "
+            f"symmetric per-channel int8 with +-127 in every channel. Deploy the QDQ model (explicit "
+            f"quantization), or search weight_granularity: per_channel, weight_symmetric: true, weight_bits: 8")
     lines = [TRT_CACHE_HEADER]
-    lines += [f"{_float_name(e['name'], outputs)}: {struct.pack('>f', e['scale'][0]).hex()}" for e in acts]
+    lines += [f"{e['name']}: {struct.pack('>f', e['scale'][0]).hex()}" for e in acts]
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +227,8 @@ def _fmt(x: np.float32) -> str:
 
 def ncnn_table(model: onnx.ModelProto) -> str:
     """ncnn int8 table: ``<layer>_param_0 s_0 s_1 ...`` (one weight scale per output channel) for every
-    Conv / Gemm / MatMul whose weight and input are both quantized, then ``<layer> s`` (its input scale).
+    Conv / Gemm whose weight and input are both quantized (ncnn2table writes Convolution, ConvolutionDepthWise
+    and InnerProduct lines only: a MatMul runs in float in ncnn), then ``<layer> s`` (its input scale).
     Layer names are the ONNX node names (an unnamed node: its first output's name).
 
     Checked against Tencent/ncnn tools/quantize: ncnn2table ``save_table`` writes these two kinds of
@@ -180,12 +238,13 @@ def ncnn_table(model: onnx.ModelProto) -> str:
     input (bottom blob) scales of the layer so named. ncnn int8 is symmetric: weights must be signed
     with zero point 0 (int8, or int4 whose integers lie on the int8 grid), inputs int8 with zero point 0.
     """
+    refuse_dynamic(model, "no ncnn table")
     dq = _dequantized(model)
     q_outputs = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     inits = {t.name: t for t in model.graph.initializer}
     weights, inputs, bad = [], [], []
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in NCNN_INT8_OPS or len(node.input) < 2:
             continue
         w, a = dq.get(node.input[1]), dq.get(node.input[0])
         if w is None or a is None or w.source not in inits or a.source not in q_outputs:
@@ -204,6 +263,9 @@ def ncnn_table(model: onnx.ModelProto) -> str:
         scales = np.float32(1) / np.broadcast_to(w.scale, (channels,))
         weights.append(f"{name}_param_0 " + " ".join(_fmt(s) for s in scales))
         inputs.append(f"{name} {_fmt(np.float32(1) / a.scale[0])}")
+    if not weights:
+        raise ConfigError("no Conv / Gemm has both a quantized weight and a quantized input (a weight-only or "
+                          "float model): an ncnn table would be empty; search static mode for ncnn")
     if bad:
         raise ConfigError(
             f"model is not ncnn-compatible: ncnn int8 needs symmetric int8 inputs and symmetric signed weights "
@@ -442,6 +504,49 @@ def _warn_differences(path: str | Path, acts: dict[str, _Enc], params: dict[str,
                       stacklevel=3)
 
 
+def _weight_only(model: onnx.ModelProto, params: dict[str, _Enc]) -> onnx.ModelProto:
+    """Each encoded initializer as integers (round half to even on the encoding's grid) behind a
+    DequantizeLinear, as ORT's weight-only QDQ writes it; everything else untouched. ORT's quantize_static
+    has no weights-only mode without activation ranges, hence written here."""
+    model_out = onnx.ModelProto()
+    model_out.CopyFrom(model)
+    g = model_out.graph
+    weights = weight_channel_axes(model_out)
+    opset = next((i.version for i in model_out.opset_import if i.domain in ("", "ai.onnx")), 0)
+    if opset < OPSET_FOR_LOW_OR_WIDE_BITS and any(e.bw != 8 for e in params.values()):
+        model_out = onnx.version_converter.convert_version(model_out, OPSET_FOR_LOW_OR_WIDE_BITS)
+        g = model_out.graph
+    inits = {t.name: t for t in g.initializer}
+    dq_nodes = []
+    for name, enc in params.items():
+        signed = name in weights or _signed_grid(enc)
+        axis = weights.get(name) if enc.per_channel else None
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        o = _override(name, enc, signed, axis)
+        qt = o[0]["quant_type"]
+        scale = np.array([e["scale"] for e in o], np.float32)
+        zp = np.array([e["zero_point"] for e in o]).astype(ONNX_TYPE_TO_NP_TYPE[qt.tensor_type])
+        shape = [1] * w.ndim
+        if axis is not None:
+            shape[axis] = scale.size
+        bits = enc.bw
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zp.astype(np.int64).reshape(shape), lo, hi)
+        q_t = onnx.helper.make_tensor(f"{name}_quantized", qt.tensor_type, w.shape, q.astype(np.int64).ravel().tolist())
+        s_t = numpy_helper.from_array(scale if axis is not None else scale.reshape(()), f"{name}_scale")
+        z_t = onnx.helper.make_tensor(f"{name}_zero_point", qt.tensor_type, [scale.size] if axis is not None else [],
+                                      zp.astype(np.int64).ravel().tolist())
+        g.initializer.remove(inits[name])
+        g.initializer.extend([q_t, s_t, z_t])
+        attrs = {"axis": axis} if axis is not None else {}
+        dq_nodes.append(onnx.helper.make_node("DequantizeLinear", [q_t.name, s_t.name, z_t.name], [name],
+                                              name=f"{name}_DequantizeLinear", **attrs))
+    nodes = dq_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return model_out
+
+
 def import_encodings(float_model_path: str | Path, encodings_path: str | Path, out_path: str | Path) -> Path:
     """Build a QDQ model of ``float_model_path`` with the scales and offsets of an AIMET encodings file
     (layout 1.0.0 or 0.6.1); write it to ``out_path`` atomically.
@@ -469,6 +574,10 @@ def import_encodings(float_model_path: str | Path, encodings_path: str | Path, o
         raise ConfigError(f"{len(unknown)} encoding name(s) are not tensors of {float_model_path}: "
                           f"{_listing(unknown)} (is it the float model the encodings were made for?)")
     params = {k: v for k, v in params_in.items() if v.bw <= 16}  # int32 biases: ORT derives them
+    if not acts and params:  # weight-only: only weights are quantized, activations stay float
+        built = _weight_only(model, params)
+        atomic_write(out_path, lambda p: onnx.save(built, p))
+        return Path(out_path)
     overrides = _overrides(model, acts, params)
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
     if opset < OPSET_FOR_LOW_OR_WIDE_BITS and any(o[0]["quant_type"].tensor_type in _WIDE for o in overrides.values()):

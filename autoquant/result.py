@@ -21,7 +21,9 @@ class OptimizeResult:
     feasible: bool
     trial_number: int
     config: dict[str, Any]
-    encodings_path: str | None  # None when writing them failed (see warnings)
+    #: AIMET encodings of the delivered model, named by the tensors of float_model_path; None for a dynamic-
+    #: quantization model (no format holds activation scales computed at run time) or when writing failed (warnings)
+    encodings_path: str | None
     size_bytes: int
     fp32_size_bytes: int
     study: optuna.Study = field(repr=False)
@@ -34,6 +36,11 @@ class OptimizeResult:
     latency_ratio_default_threads: float | None = None  # the same with ONNX Runtime's default threading
     bops_ratio: float | None = None  # bit operations / fp32 bit operations
     export_path: str | None = None  # the target runtime's file (TensorRT cache, ncnn table), when a target asks
+    #: the float model the encodings / export refer to (quantized.float.onnx: the delivered graph, dequantized)
+    float_model_path: str | None = None
+    #: largest |output difference| between the delivered model and the QDQ model ONNX Runtime rebuilds from the
+    #: float model + encodings, on calibration feeds (0.0: bit for bit; None: not checked)
+    roundtrip_max_abs_diff: float | None = None
     #: wall seconds of this call's stages: preparation_and_statistics, fp32_eval, sensitivity, screening, trials,
     #: total (a stage found in the cache or study, or skipped, is short or absent)
     timings: dict[str, float] = field(default_factory=dict)

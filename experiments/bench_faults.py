@@ -51,7 +51,7 @@ STAGE_FAULTS = [
     ("pre-scoring (SQNR)", "autoquant.prune.Pruner.sqnr", {}),
     ("latency", "autoquant.cost.SpeedMeter.measure", {}),
     ("repair", "autoquant.api.repair_point", {"allowed_accuracy_drop": 0.0}),
-    ("encodings", "autoquant.api.write_encodings", {}),
+    ("encodings", "autoquant.api.write_deployment", {}),
     ("report CSV", "autoquant.api.save_csv", {}),
     ("one trial's cost (bug in a trial)", "autoquant.objective.bops", {"once": True}),
     ("delivery (outside the stages)", "autoquant.api._deliver", {}),

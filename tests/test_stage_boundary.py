@@ -32,7 +32,7 @@ FAULTS = [
     # nothing feasible, and the queue of starting points empties after two: the repair runs
     ("autoquant.api.repair_point", "repair", {"allowed_accuracy_drop": 0.0, "search_space": {"knobs": {
         "calibration": "minmax", "weight_granularity": "per_channel", "fallback_k": [0, 1, 2]}}}),
-    ("autoquant.api.write_encodings", "encodings", {}),
+    ("autoquant.api.write_deployment", "encodings", {}),
     ("autoquant.api.save_csv", "report", {}),
 ]
 

@@ -1,0 +1,140 @@
+"""Deploy what was scored: every export names the tensors of the float model it writes beside it, that float
+model + the encodings rebuild the delivered model bit for bit, and what a format cannot hold is refused with
+nothing written."""
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from autoquant import optimize
+from autoquant.cli import main
+from autoquant.deploy import float_graph, float_model_path, max_abs_diff
+from autoquant.errors import ConfigError
+from autoquant.export import FORMATS, export, import_encodings
+
+#: (label, knobs): the default path, every refinement that changes integers or biases, mixed precision with
+#: float fallback, 4-bit per-channel weights, weight-only
+CASES = {
+    "default": {},
+    "cle+adaround+bias": {"cle": True, "weight_rounding": "adaround", "bias_correction": True,
+                          "weight_granularity": "per_channel", "activation_symmetric": True},
+    "ties-away+fallback": {"weight_rounding": "nearest_away", "fallback_k": 1},
+    "w4-per-channel": {"weight_granularity": "per_channel", "weight_bits": 4},
+    "weight-only": {"mode": "weight_only"},
+    "dynamic": {"mode": "dynamic"},
+    "sym-acts-per-tensor-weights": {"activation_symmetric": True, "weight_granularity": "per_tensor"},
+}
+
+
+def _optimize(demo, out, knobs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return optimize(str(demo.model_path), demo.calibration_data, demo.evaluate, search_space={"knobs": knobs},
+                        output_dir=out, show_progress=False, n_trials=1, measure_latency=False)
+
+
+@pytest.fixture(scope="module")
+def delivered(demo, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deploy")
+    return {label: _optimize(demo, folder / label.replace("+", "_"), knobs) for label, knobs in CASES.items()}
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {t for n in g.node for t in (*n.input, *n.output)} | {i.name for i in g.input} | {t.name for t in g.initializer}
+
+
+@pytest.mark.parametrize("label", [c for c in CASES if c != "dynamic"])
+def test_delivered_encodings_rebuild_the_delivered_model_bit_for_bit(delivered, demo, tmp_path, label):
+    r = delivered[label]
+    assert r.roundtrip_max_abs_diff == 0.0
+    record = json.loads(open(f"{r.output_dir}/result.json").read())
+    assert record["roundtrip_max_abs_diff"] == 0.0 and record["float_model_path"] == "quantized.float.onnx"
+    float_model = onnx.load(r.float_model_path)
+    onnx.checker.check_model(float_model)
+    assert not {n.op_type for n in float_model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    enc = json.loads(open(r.encodings_path).read())
+    names = {e["name"] for k in ("activation_encodings", "param_encodings") for e in enc[k]}
+    assert names and names <= _names(float_model)  # every encoding names a tensor of the float model
+    assert not any(n.endswith("_QuantizeLinear_Input") for n in names)
+    # rebuilt again here, on other feeds than the pipeline's: still the delivered model
+    rebuilt = import_encodings(r.float_model_path, r.encodings_path, tmp_path / "rebuilt.onnx")
+    feeds = list(demo.calibration_data())[-3:]
+    assert max_abs_diff(r.model_path, rebuilt, feeds) == 0.0
+
+
+def test_the_float_model_carries_the_refined_integers(delivered):
+    """AdaRound / bias correction / CLE live in the delivered integers: the float model's weights are exactly
+    their dequantized values, so a quantizer given the same scales lands on the same integers."""
+    r = delivered["cle+adaround+bias"]
+    qdq = onnx.load(r.model_path)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    fg = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(r.float_model_path).graph.initializer}
+    for n in qdq.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] == "conv1.w_quantized":
+            q, s = inits[n.input[0]].astype(np.float32), inits[n.input[1]].astype(np.float32)
+            assert np.array_equal(fg["conv1.w"], q * s.reshape(-1, 1, 1, 1))
+            assert np.array_equal(np.rint(fg["conv1.w"] / s.reshape(-1, 1, 1, 1)), q)
+            break
+    else:
+        raise AssertionError("no quantized conv1 weight")
+
+
+def test_a_dynamic_model_has_no_encodings_and_every_export_refuses_it(delivered, tmp_path, capsys):
+    r = delivered["dynamic"]
+    assert r.encodings_path is None and r.float_model_path is None
+    for fmt in FORMATS:
+        out = tmp_path / f"x-{fmt}"
+        with pytest.raises(ConfigError, match="dynamic quantization"):
+            export(r.model_path, out, fmt)
+        assert not out.exists() and not float_model_path(out).exists()
+        assert main(["export", r.output_dir, "--format", fmt, "--out", str(out)]) == 2
+        assert not out.exists() and not float_model_path(out).exists()
+    assert "dynamic quantization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["tensorrt-cache", "ncnn-table"])
+def test_weight_only_exports_refuse_instead_of_writing_an_empty_file(delivered, tmp_path, fmt):
+    r = delivered["weight-only"]
+    out = tmp_path / "out.file"
+    with pytest.raises(ConfigError, match="empty"):
+        export(r.model_path, out, fmt)
+    assert not out.exists() and not float_model_path(out).exists()
+
+
+def test_tensorrt_cache_refuses_weights_tensorrt_would_requantize(delivered, tmp_path):
+    # per-tensor weights: TensorRT's implicit int8 takes max |w| / 127 per output channel, other integers
+    out = tmp_path / "calib.cache"
+    with pytest.raises(ConfigError, match="requantize"):
+        export(delivered["sym-acts-per-tensor-weights"].model_path, out, "tensorrt-cache")
+    assert not out.exists()
+
+
+def test_exports_name_the_float_model_written_beside_them(delivered, tmp_path):
+    r = delivered["cle+adaround+bias"]
+    for fmt in FORMATS:
+        out = export(r.model_path, tmp_path / fmt / f"model.{fmt}", fmt)
+        float_model = onnx.load(str(float_model_path(out)))
+        names = _names(float_model)
+        text = out.read_text()
+        if fmt.startswith("aimet"):
+            enc = json.loads(text)
+            acts, params = enc["activation_encodings"], enc["param_encodings"]
+            got = {e["name"] for e in acts} | {e["name"] for e in params} if fmt == "aimet" else set(acts) | set(params)
+        elif fmt == "tensorrt-cache":
+            got = {line.split(": ")[0] for line in text.splitlines()[1:]}
+        else:  # ncnn: layer (node) names; a weight line is <layer>_param_0
+            got = {line.split()[0].removesuffix("_param_0") for line in text.splitlines()}
+            names = {n.name for n in float_model.graph.node}
+            assert {n.op_type for n in float_model.graph.node if n.name in got} <= {"Conv", "Gemm"}
+        assert got and got <= names, fmt
+
+
+def test_float_graph_restores_a_renamed_graph_output(delivered):
+    fg = float_graph(onnx.load(delivered["default"].model_path))
+    assert fg.renamed == {"logits_QuantizeLinear_Input": "logits"}
+    assert [o.name for o in fg.model.graph.output] == ["logits"]
+    assert any("logits" in n.output for n in fg.model.graph.node)
