@@ -27,6 +27,7 @@ from ._io import atomic_copy, atomic_write, atomic_write_json, remove_stale_tmp,
 from .build import RangeCache
 from .data import CalibrationSource
 from .deploy import DELIVERED_FLOAT_MODEL, is_dynamic, roundtrip_max_abs_diff, write_deployment
+from .formats import FORMATS
 from .errors import (AutoQuantError, ConfigError, InternalError, ModelError, NoCompletedTrialError, OutputDirError,
                      StorageError, TrialFailed)
 from .stages import Degradations, current_stage, stage
@@ -54,8 +55,6 @@ DELIVERED_MODEL = "quantized.onnx"
 DELIVERED_ENCODINGS = "quantized.encodings.json"
 #: calibration feeds the delivered encodings are re-imported and compared on (result.roundtrip_max_abs_diff)
 ROUNDTRIP_FEEDS = 2
-EXPORT_SUFFIX = {"aimet": ".encodings.json", "aimet-0.6.1": ".encodings-0.6.1.json", "tensorrt-cache": ".trt-calib.cache",
-                 "ncnn-table": ".ncnn.table"}
 STUDY_ATTRS = {
     "model_sha256", "fp32_size_bytes", "allowed_accuracy_drop", "drop_type", "higher_is_better", "search_space",
     "objective", "stats_key", "prepared_model", "preparation", "seed", "launch", "baseline_accuracy",
@@ -794,7 +793,7 @@ def _deliver(study: optuna.Study, out: Path, select: str, higher_is_better: bool
         from .export import export
 
         with degraded.guard(f"export ({fmt})", "no export file was written; the model is delivered"):
-            result.export_path = str(export(model_path, out / f"quantized{EXPORT_SUFFIX[fmt]}", fmt))
+            result.export_path = str(export(model_path, out / f"quantized{FORMATS[fmt]}", fmt))
     with degraded.guard("report", "no report.csv was written; the study holds every trial"):
         save_csv(trials_frame(study, all_trials=True, higher_is_better=higher_is_better, delivered=chosen.number),
                  out / "report.csv")

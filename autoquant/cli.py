@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import AutoQuantError, ConfigError
+from .formats import FORMATS
 from .launch import calibration_from_path, load_callable
 
 
@@ -63,12 +64,15 @@ def _cmd_report(args) -> int:
     df = trials_frame(study, all_trials=args.all, higher_is_better=higher, delivered=delivered)
     import pandas as pd
 
-    with pd.option_context("display.max_columns", None, "display.width", 200):
-        print(df.drop(columns=["fail_reason"] if not args.all else []).to_string(index=False))
+    from .report import COMPACT
+
+    shown = df if args.all else df[[c for c in COMPACT if c in df.columns]]
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 60):
+        print(shown.to_string(index=False))
     if args.plot:
         from .plot import plot_pareto
 
-        print(plot_pareto(study, out / "pareto.png"))
+        print(plot_pareto(study, out / "pareto.png", delivered=delivered))
     return 0
 
 
@@ -105,9 +109,7 @@ def _cmd_export(args) -> int:
     model = out / "quantized.onnx"
     if not model.exists():
         raise ConfigError(f"{out} holds no delivered model (quantized.onnx); run `autoquant optimize` first")
-    from .api import EXPORT_SUFFIX
-
-    target = Path(args.out) if args.out else out / f"quantized{EXPORT_SUFFIX[args.format]}"
+    target = Path(args.out) if args.out else out / f"quantized{FORMATS[args.format]}"
     if target.is_dir():
         raise ConfigError(f"--out {target} is a directory; name the file to write")
     if target.resolve() == model.resolve():
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write the delivered model's quantization parameters for a runtime")
     e.add_argument("output_dir")
-    e.add_argument("--format", required=True, choices=["aimet", "aimet-0.6.1", "tensorrt-cache", "ncnn-table"])
+    e.add_argument("--format", required=True, choices=list(FORMATS))
     e.add_argument("--out", default=None, help="file to write (default: next to quantized.onnx)")
     e.set_defaults(func=_cmd_export)
 
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="print the Pareto table of a study in an output dir")
     r.add_argument("output_dir")
-    r.add_argument("--all", action="store_true", help="every trial, not only the Pareto front")
+    r.add_argument("--all", action="store_true",
+                   help="every trial and every column (default: the Pareto front, the main columns)")
     r.add_argument("--storage", default=None)
     r.add_argument("--plot", action="store_true", help="also write pareto.png (needs matplotlib)")
     r.set_defaults(func=_cmd_report)

@@ -202,11 +202,13 @@ def float_model_path(out_path: str | Path) -> Path:
 
 
 def deployment(qdq: onnx.ModelProto) -> tuple[FloatGraph, dict]:
-    """The float model and the AIMET 1.0.0 encodings (named by that model's tensors) of the QDQ model."""
-    from .encodings import encodings_from_model
+    """The float model and the AIMET 1.0.0 encodings (named by that model's tensors, FLOAT entries for the float
+    ones: :func:`autoquant.encodings.complete_encodings`) of the QDQ model."""
+    from . import __version__
+    from .encodings import complete_encodings, encodings_from_model
 
     fg = float_graph(qdq)
-    return fg, rename_encodings(encodings_from_model(qdq), fg.renamed)
+    return fg, complete_encodings(rename_encodings(encodings_from_model(qdq), fg.renamed), fg.model, __version__)
 
 
 def save_float_model(fg: FloatGraph, path: Path) -> Path:

@@ -53,11 +53,12 @@ from .deploy import (
     rename_encodings,
     save_float_model,
 )
-from .encodings import encodings_from_model
+from . import __version__
+from .encodings import encodings_from_model, v2_encodings
 from .errors import ConfigError, ModelError
+from .formats import FORMATS
 from .qtypes import ONNX_INT_TYPES, quant_type
 
-FORMATS = ("aimet", "aimet-0.6.1", "tensorrt-cache", "ncnn-table")
 #: the ONNX ops whose ncnn layers ncnn2int8 quantizes (Convolution / ConvolutionDepthWise, InnerProduct)
 NCNN_INT8_OPS = ("Conv", "Gemm")
 
@@ -84,10 +85,12 @@ def export(model_path: str | Path, out_path: str | Path, fmt: str) -> Path:
     if float_path.resolve() == Path(model_path).resolve():
         raise ConfigError(f"export to {out} would write its float model over {model_path}; name another file")
     fg, enc = deployment(qdq)
-    if fmt in ("aimet", "aimet-0.6.1"):
-        if not enc["activation_encodings"] and not enc["param_encodings"]:
+    if fmt.startswith("aimet"):
+        if not any(e["dtype"] == "INT" for k in ("activation_encodings", "param_encodings") for e in enc[k]):
             raise ConfigError(f"{model_path} quantizes no tensor: an encodings file would be empty")
-        text = json.dumps(enc if fmt == "aimet" else legacy_encodings(enc), indent=2)
+        layout = {"aimet": lambda: enc, "aimet-0.6.1": lambda: legacy_encodings(enc),
+                  "aimet-2.0.0": lambda: v2_encodings(enc, __version__, weight_channel_axes(fg.model))}[fmt]
+        text = json.dumps(layout(), indent=2)
     else:
         text = tensorrt_cache(qdq, fg) if fmt == "tensorrt-cache" else ncnn_table(qdq)
     save_float_model(fg, float_path)
@@ -121,17 +124,23 @@ def legacy_encodings(enc: dict[str, Any]) -> dict[str, Any]:
     ``AffineEncoding._to_legacy_format`` (offset shifted by qmin; min = (offset + qmin) * scale,
     max = (offset + qmax) * scale, i.e. min = scale * offset, max = scale * (offset + 2^bw - 1) with the
     shifted offset) and aimet_common ``recompute_grid_params`` (symmetric: offset -2^(bw-1)). The offsets
-    are the 1.0.0 ones. AIMET's optional ``quantizer_args`` block is omitted.
+    are the 1.0.0 ones; ``quantizer_args`` is 1.0.0's with its booleans as strings; FLOAT entries become
+    ``{"bitwidth", "dtype": "float"}``.
     """
     def entry(e: dict[str, Any]) -> list[dict[str, Any]]:
         bw = e["bw"]
+        if e["dtype"] != "INT":  # a tensor that stays float
+            return [{"bitwidth": bw, "dtype": "float"}]
         return [{"bitwidth": bw, "dtype": "int", "is_symmetric": str(bool(e["is_sym"])),
                  "min": s * o, "max": s * (o + 2**bw - 1), "offset": o, "scale": s}
                 for s, o in zip(e["scale"], e["offset"])]
 
-    return {"version": "0.6.1",
-            "activation_encodings": {e["name"]: entry(e) for e in enc["activation_encodings"]},
-            "param_encodings": {e["name"]: entry(e) for e in enc["param_encodings"]}}
+    out = {"version": "0.6.1",
+           "activation_encodings": {e["name"]: entry(e) for e in enc["activation_encodings"]},
+           "param_encodings": {e["name"]: entry(e) for e in enc["param_encodings"]}}
+    if "quantizer_args" in enc:  # 0.6.1 writes its booleans as strings
+        out["quantizer_args"] = {k: str(v) if isinstance(v, bool) else v for k, v in enc["quantizer_args"].items()}
+    return out
 
 
 # ---------------------------------------------------------------- TensorRT
@@ -167,7 +176,8 @@ def tensorrt_cache(model: onnx.ModelProto, fg=None) -> str:
     encodings are refused rather than re-ranged to max(|min|, |max|) / 127, which would change them.
     """
     fg, enc = deployment(model) if fg is None else (fg, None)
-    acts = (enc or rename_encodings(encodings_from_model(model), fg.renamed))["activation_encodings"]
+    acts = [e for e in (enc or rename_encodings(encodings_from_model(model), fg.renamed))["activation_encodings"]
+            if e["dtype"] == "INT"]
     if not acts:
         raise ConfigError("model quantizes no activation (weight-only): a TensorRT calibration cache would be "
                           "empty; deploy the QDQ model, or search static mode")
@@ -323,9 +333,30 @@ def _parse_legacy(entries: dict[str, list[dict]]) -> dict[str, _Enc]:
     return out
 
 
-def _read_encodings(path: str | Path) -> tuple[dict[str, _Enc], dict[str, _Enc]]:
-    """Activation and parameter encodings of an AIMET file: layout 1.0.0 (lists of named entries) or
-    0.6.x (dicts of per-channel lists), told apart by the layout and checked against "version"."""
+def _parse_v2(entries: list[dict], inits: set[str]) -> tuple[dict[str, _Enc], dict[str, _Enc]]:
+    """2.0.0 entries (onnx::QuantizeLinear fields) -> (activations, parameters): initializers are parameters."""
+    acts, params = {}, {}
+    for e in entries:
+        dtype = str(e["output_dtype"])
+        signed = dtype.startswith("int")
+        if not dtype.lstrip("u").startswith("int"):
+            continue  # a float format (float8 ...): not an integer grid autoquant builds
+        bw = int(dtype.lstrip("u").removeprefix("int"))
+        scale = np.atleast_1d(np.asarray(e["y_scale"], np.float64)).ravel()
+        zp = np.broadcast_to(np.atleast_1d(np.asarray(e.get("y_zero_point", 0))).ravel(), scale.shape)
+        if "block_size" in e or isinstance(e["y_scale"], dict):
+            raise ValueError(f"{e['name']}: per-block / double-quantized encodings are not supported")
+        shift = 2 ** (bw - 1) if signed else 0
+        enc = _checked(e["name"], _Enc(bw, bool(signed and not zp.any()), tuple(float(s) for s in scale),
+                                       tuple(int(-(int(z) + shift)) for z in zp), isinstance(e["y_scale"], list)))
+        (params if e["name"] in inits else acts)[e["name"]] = enc
+    return acts, params
+
+
+def _read_encodings(path: str | Path, inits: set[str] = frozenset()) -> tuple[dict[str, _Enc], dict[str, _Enc]]:
+    """Activation and parameter encodings of an AIMET file: layout 2.0.0 (one list under "encodings"; the
+    model's initializers are its parameters), 1.0.0 (lists of named entries) or 0.6.x (dicts of per-channel
+    lists), told apart by the layout and checked against "version"."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -333,6 +364,13 @@ def _read_encodings(path: str | Path) -> tuple[dict[str, _Enc], dict[str, _Enc]]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not an AIMET encodings file (expected a JSON object)")
     version = str(data.get("version", ""))
+    if isinstance(data.get("encodings"), list):
+        if version and version[0] != "2":
+            raise ConfigError(f"{path}: version {version} with a 2.0.0 'encodings' list")
+        try:
+            return _parse_v2(data["encodings"], set(inits))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: malformed encoding entry ({type(e).__name__}: {e})") from e
     acts = data.get("activation_encodings", {})
     params = data.get("param_encodings", [] if isinstance(acts, list) else {})
     layout = "1" if isinstance(acts, list) and isinstance(params, list) else \
@@ -549,10 +587,11 @@ def _weight_only(model: onnx.ModelProto, params: dict[str, _Enc]) -> onnx.ModelP
 
 def import_encodings(float_model_path: str | Path, encodings_path: str | Path, out_path: str | Path) -> Path:
     """Build a QDQ model of ``float_model_path`` with the scales and offsets of an AIMET encodings file
-    (layout 1.0.0 or 0.6.1); write it to ``out_path`` atomically.
+    (layout 2.0.0, 1.0.0 or 0.6.1; FLOAT entries stay float); write it to ``out_path`` atomically.
 
-    ``float_model_path`` must be the graph the encodings describe (for an autoquant result: the prepared
-    model its trial started from, ``cache/prepared-*.onnx``, ``-bn_fold`` / ``-cle`` for those variants).
+    ``float_model_path`` must be the graph the encodings describe: for an autoquant result, the float model
+    delivered or exported beside them (``quantized.float.onnx``, see autoquant.deploy). A file with parameter
+    encodings only (weight-only) gives weights behind DequantizeLinear and float activations.
     Activation encodings reach ``quantize_static`` as calibration ranges plus TensorQuantOverrides with
     explicit scale, zero point and quant_type; parameter encodings as overrides, with the channel axis
     when per-channel. Nodes lacking an encoding for a float input or output are excluded (stay float).
@@ -564,7 +603,7 @@ def import_encodings(float_model_path: str | Path, encodings_path: str | Path, o
     encodings).
     """
     model = _load(float_model_path)
-    acts_in, params_in = _read_encodings(encodings_path)
+    acts_in, params_in = _read_encodings(encodings_path, {t.name for t in model.graph.initializer})
     g = model.graph
     outputs, inits = {o.name for o in g.output}, {t.name for t in g.initializer}
     tensors = {t for n in g.node for t in (*n.input, *n.output)} | {i.name for i in g.input} | outputs

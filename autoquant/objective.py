@@ -295,7 +295,11 @@ class Objective:
         # speed as a second constraint (values <= 0 are feasible): the sampler learns to avoid configs slower
         # than fp32, and the delivery rule prefers models that meet both (autoquant.select)
         ratio = self.latency.ratio(details) if self.latency is not None else None
-        trial.set_constraint("latency_ratio", (float(ratio) - NOT_SLOWER_THAN_FP32) if ratio is not None else 0.0)
+        speed = (float(ratio) - NOT_SLOWER_THAN_FP32) if ratio is not None else 0.0
+        trial.set_constraint("latency_ratio", speed)
+        # optuna-dashboard reads only Optuna's older list under "constraints" (its _get_feasible_trials); Optuna 5
+        # reads both layouts and judges feasibility the same (every value <= 0), so both are written
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [drop - self.scoring.allowed_drop, speed])
         details["overhead_seconds"] = time.perf_counter() - t0 - t_eval
         trial.set_user_attr(DETAILS, details)
         return accuracy, float(size if self.objective == "size" else details[self._objective_key])

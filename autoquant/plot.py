@@ -18,7 +18,25 @@ _AXIS = {"size": ("size_bytes", "model size (bytes)"), "latency": ("latency_ms",
          "bops": ("bops", "bit operations")}
 
 
-def plot_pareto(study: optuna.Study, path: str | Path) -> Path:
+#: x spans more than this ratio (fp32 against int8 / int4 models): a log axis, so the quantized trials do not
+#: collapse into one corner
+LOG_X_SPAN = 5.0
+#: per objective: the detail key of its ratio to fp32 (the fp32 point's x is value / ratio)
+_RATIO = {"latency_ms": "latency_ratio", "bops": "bops_ratio"}
+
+
+def _fp32_x(study: optuna.Study, key: str, trials) -> float | None:
+    if key == "size_bytes":
+        return study.user_attrs.get("fp32_size_bytes")
+    for t in trials:
+        d = t.user_attrs.get("details", {})
+        if d.get(key) and d.get(_RATIO[key]):
+            return d[key] / d[_RATIO[key]]
+    return None
+
+
+def plot_pareto(study: optuna.Study, path: str | Path, delivered: int | None = None) -> Path:
+    """Accuracy vs the study's second objective; ``delivered``: the trial to mark as the delivered model."""
     try:
         import matplotlib
 
@@ -43,6 +61,16 @@ def plot_pareto(study: optuna.Study, path: str | Path) -> Path:
     if front:
         ax.plot(*zip(*front), "k--", lw=1, marker="o", mfc="none", label="Pareto front")
     base = attrs.get("baseline_accuracy")
+    chosen = [t for t in trials if t.number == delivered]
+    if chosen:
+        ax.scatter([x_of(chosen[0])], [chosen[0].user_attrs["accuracy"]], marker="*", s=220, c="gold",
+                   edgecolors="k", zorder=5, label=f"delivered (trial {delivered})")
+    fp32_x = _fp32_x(study, key, trials)
+    if fp32_x and base is not None:
+        ax.scatter([fp32_x], [base], marker="s", s=60, c="tab:blue", zorder=5, label="fp32 model")
+    xs = [x for x in [*(x_of(t) for t in trials), fp32_x] if x]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > LOG_X_SPAN:
+        ax.set_xscale("log")
     if base is not None:
         allowed = attrs["allowed_accuracy_drop"] * (abs(base) if attrs.get("drop_type") == "relative" else 1)
         limit = base - allowed if higher else base + allowed

@@ -10,7 +10,15 @@ from optuna.trial import TrialState
 
 from .objective import DETAILS
 from .select import pareto_front
-from .space import KNOBS
+from .space import CONDITIONAL, KNOBS
+
+#: knobs that do not act under some configs (CONDITIONAL): blank in such a trial's row, not a default value.
+#: bn_fold is forced on with CLE, which folds BatchNorm itself: it acts, so it is shown
+_BLANK_WHEN_INACTIVE = {k: cond for k, (cond, _) in CONDITIONAL.items() if k != "bn_fold"}
+#: the columns `autoquant report` prints by default (result.report() returns every column)
+COMPACT = ["trial", "state", "delivered", "mode", "quantize_ops", "calibration", "weight_granularity", "weight_bits",
+           "activation_bits", "fallback_k", "accuracy", "drop", "feasible", "size_ratio", "latency_ratio",
+           "latency_ratio_default_threads", "n_float_nodes", "enqueued", "prune_reason"]
 
 METRICS = ["accuracy", "drop", "feasible", "size_bytes", "size_ratio", "latency_ms", "latency_ratio",
            "latency_ratio_default_threads", "bops_ratio",
@@ -40,7 +48,9 @@ def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better
         d = a.get(DETAILS, {})
         row = {"trial": t.number, "state": t.state.name, "pareto": t.number in front,
                "delivered": t.number == delivered}
-        row.update({k: a.get("config", {}).get(k, t.params.get(k)) for k in KNOBS})
+        config = a.get("config") or {}
+        row.update({k: None if config and k in _BLANK_WHEN_INACTIVE and not _active(k, config)
+                    else config.get(k, t.params.get(k)) for k in KNOBS})
         row.update({
             "accuracy": a.get("accuracy"), "drop": a.get("drop"), "feasible": a.get("feasible"),
             "size_bytes": a.get("size_bytes"),
@@ -51,15 +61,22 @@ def trials_frame(study: optuna.Study, all_trials: bool = False, higher_is_better
             "float_nodes": "; ".join(f"{n} ({why})" for n, why in d.get("float_why", {}).items()) or None,
             "eval_seconds": d.get("eval_seconds"), "overhead_seconds": d.get("overhead_seconds"),
             "reused_from": d.get("reused_from"), "model_file": d.get("model_file"),
-            "fail_reason": a.get("fail_reason"),
+            "fail_reason": a.get("fail_reason"), "prune_reason": a.get("prune_reason"), "enqueued": a.get("enqueued"),
         })
         rows.append(row)
     cols = ["trial", "state", "pareto", "delivered", *KNOBS, *METRICS, "float_nodes", "reused_from", "model_file",
-            "fail_reason"]
+            "enqueued", "prune_reason", "fail_reason"]
     df = pd.DataFrame(rows, columns=cols)
     if not all_trials and len(df):
         df = df.sort_values(["size_bytes", "accuracy"], ascending=[True, not higher_is_better]).reset_index(drop=True)
     return df
+
+
+def _active(knob: str, config: dict) -> bool:
+    try:
+        return bool(_BLANK_WHEN_INACTIVE[knob](config))
+    except KeyError:  # a config recorded by an older version without the knobs the condition reads
+        return True
 
 
 def save_csv(df: pd.DataFrame, path: str | Path) -> Path:

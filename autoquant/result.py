@@ -72,7 +72,7 @@ class OptimizeResult:
         """PNG of accuracy vs the search's second objective, with the feasible region and Pareto front."""
         from .plot import plot_pareto
 
-        return plot_pareto(self.study, path or Path(self.output_dir) / "pareto.png")
+        return plot_pareto(self.study, path or Path(self.output_dir) / "pareto.png", delivered=self.trial_number)
 
     def save_report(self, path: str | Path, all_trials: bool = True) -> Path:
         return save_csv(self.report(all_trials=all_trials), path)

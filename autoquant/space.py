@@ -17,6 +17,7 @@ import yaml
 
 from . import scope
 from .errors import SearchSpaceError
+from .formats import FORMATS
 from .observers import OBSERVERS
 
 
@@ -95,7 +96,7 @@ TOP_LEVEL_KEYS = {"name", "description", "knobs", "target"}
 TARGET_KEYS = {"runtime", "extra_options", "export"}
 WRITER_OPTIONS = {"AddQDQPairToWeight", "DedicatedQDQPair", "QDQKeepRemovableActivations", "MinimumRealRange",
                   "ActivationRestrictedAsymmetric", "QDQDisableWeightAdjustForInt32Bias"}
-EXPORTS = ("aimet", "aimet-0.6.1", "tensorrt-cache", "ncnn-table")
+EXPORTS = tuple(FORMATS)
 
 
 @dataclass(frozen=True)

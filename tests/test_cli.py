@@ -42,8 +42,12 @@ def test_optimize_report_cli(demo, tmp_path):
     assert result["feasible"] and result["model_path"] == "quantized.onnx"
     rep = subprocess.run(CLI + ["report", str(out)], capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
-    assert "calibration" in rep.stdout and "size_bytes" in rep.stdout
+    assert "calibration" in rep.stdout and "size_ratio" in rep.stdout and "enqueued" in rep.stdout
+    assert "model_file" not in rep.stdout  # the compact view; --all has every trial and column
+    assert max(len(line) for line in rep.stdout.splitlines()) < 400
     assert str(result["trial_number"]) in rep.stdout
+    full = subprocess.run(CLI + ["report", str(out), "--all"], capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0 and "model_file" in full.stdout and "size_bytes" in full.stdout
 
 
 def test_bad_input_exit_code_and_message(tmp_path, capsys):

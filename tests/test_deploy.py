@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import onnx
+import optuna
 import pytest
 
 from autoquant import optimize
@@ -120,7 +121,9 @@ def test_exports_name_the_float_model_written_beside_them(delivered, tmp_path):
         float_model = onnx.load(str(float_model_path(out)))
         names = _names(float_model)
         text = out.read_text()
-        if fmt.startswith("aimet"):
+        if fmt == "aimet-2.0.0":
+            got = {e["name"] for e in json.loads(text)["encodings"]}
+        elif fmt.startswith("aimet"):
             enc = json.loads(text)
             acts, params = enc["activation_encodings"], enc["param_encodings"]
             got = {e["name"] for e in acts} | {e["name"] for e in params} if fmt == "aimet" else set(acts) | set(params)
@@ -138,3 +141,57 @@ def test_float_graph_restores_a_renamed_graph_output(delivered):
     assert fg.renamed == {"logits_QuantizeLinear_Input": "logits"}
     assert [o.name for o in fg.model.graph.output] == ["logits"]
     assert any("logits" in n.output for n in fg.model.graph.node)
+
+
+def test_the_constraints_are_also_where_optuna_dashboard_reads_them(delivered):
+    """optuna-dashboard decides its Pareto front's feasibility from the list in system_attrs["constraints"]:
+    an infeasible trial must not appear feasible there."""
+    for r in delivered.values():
+        for t in r.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            listed = t.system_attrs["constraints"]
+            assert listed == [t.system_attrs["constraints:accuracy_drop"], t.system_attrs["constraints:latency_ratio"]]
+            assert all(v <= 0 for v in listed) == (t.user_attrs["feasible"] and listed[1] <= 0)
+    assert any(not t.user_attrs["feasible"] for r in delivered.values() for t in r.study.trials
+               if t.state == optuna.trial.TrialState.COMPLETE)  # the check above saw an infeasible trial
+
+
+@pytest.mark.parametrize("label", ["default", "cle+adaround+bias", "ties-away+fallback", "weight-only"])
+@pytest.mark.parametrize("fmt", ["aimet", "aimet-2.0.0", "aimet-0.6.1"])
+def test_every_aimet_layout_round_trips_bit_for_bit(delivered, demo, tmp_path, label, fmt):
+    """Exported, then rebuilt by ONNX Runtime from the float model beside it: the delivered model's outputs."""
+    r = delivered[label]
+    out = export(r.model_path, tmp_path / f"e.{fmt}.json", fmt)
+    rebuilt = import_encodings(float_model_path(out), out, tmp_path / "rebuilt.onnx")
+    assert max_abs_diff(r.model_path, rebuilt, list(demo.calibration_data())[:3]) == 0.0
+
+
+def test_aimet_1_0_0_lists_float_tensors_excluded_layers_and_its_producer(delivered):
+    """A runtime quantizes a tensor with no entry: the float-fallback layer's weight and activations are written
+    as FLOAT entries, the layer is in excluded_layers."""
+    r = delivered["ties-away+fallback"]
+    enc = json.loads(open(r.encodings_path).read())
+    assert enc["producer"]["name"] == "autoquant" and enc["quantizer_args"]["dtype"] == "int"
+    float_layer = r.float_nodes[0]
+    assert enc["excluded_layers"] == [float_layer]
+    node = next(n for n in onnx.load(r.float_model_path).graph.node if n.name == float_layer)
+    params = {e["name"]: e for e in enc["param_encodings"]}
+    acts = {e["name"]: e for e in enc["activation_encodings"]}
+    assert params[node.input[1]]["dtype"] == "FLOAT" and params[node.input[1]]["bw"] == 32
+    assert all(e["dtype"] == "INT" for n, e in params.items() if n != node.input[1] and n not in node.input)
+    graph = onnx.load(r.float_model_path).graph
+    every = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    assert set(acts) == every  # every activation has an entry, INT or FLOAT
+
+
+def test_aimet_2_0_0_entries_are_quantize_linear_inputs(delivered):
+    r = delivered["cle+adaround+bias"]
+    qdq = onnx.load(r.model_path)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    out = export(r.model_path, f"{r.output_dir}/v2.json", "aimet-2.0.0")
+    data = json.loads(out.read_text())
+    assert data["version"] == "2.0.0" and data["producer"]["name"] == "autoquant"
+    by_name = {e["name"]: e for e in data["encodings"]}
+    w = by_name["conv1.w"]
+    assert w["output_dtype"] == "int8" and w["axis"] == 0
+    assert np.array_equal(np.asarray(w["y_scale"], np.float32), inits["conv1.w_scale"].reshape(-1))
+    assert not any(w["y_zero_point"])

@@ -198,3 +198,16 @@ def test_other_objectives(demo, tmp_path, objective, select, key):
     chosen = r.study.trials[r.trial_number].user_attrs["details"][key]
     assert chosen == min(t.user_attrs["details"][key] for t in complete)
     assert r.study.user_attrs["objective"] == objective
+
+
+def test_report_has_the_documented_columns_and_blank_inactive_knobs(result):
+    df = result.report(all_trials=True)
+    assert {"enqueued", "prune_reason", "fail_reason", "float_nodes"} <= set(df.columns)
+    assert df["enqueued"].notna().any()
+    pruned = df[df["state"] == "PRUNED"]
+    assert pruned.empty or pruned["prune_reason"].notna().all()
+    for _, row in df.iterrows():
+        if row["mode"] in ("dynamic", "weight_only"):  # no activation ranges: the activation knobs do not act
+            assert pd.isna(row["calibration"]) and pd.isna(row["activation_bits"]) and pd.isna(row["quantize_ops"])
+        if row["mode"] == "static" and row["calibration"] != "percentile":
+            assert pd.isna(row["percentile"])

@@ -91,5 +91,9 @@ def test_default_space_finds_feasible_on_outlier_model(outlier, tmp_path):
                  n_trials=15, output_dir=tmp_path / "search", show_progress=False, seed=0)
     assert r.feasible and outlier.evaluate(r.model_path) == r.accuracy
     df = r.report(all_trials=True)
-    for col in ("cle", "bn_fold", "bias_correction", "weight_rounding"):
+    for col in ("cle", "bn_fold"):
         assert col in df.columns and df[col].notna().all()
+    # bias correction acts on static models, weight rounding on static and weight-only ones: blank elsewhere
+    assert df.loc[df["mode"] == "static", "bias_correction"].notna().all()
+    assert df.loc[df["mode"] != "static", "bias_correction"].isna().all()
+    assert df.loc[df["mode"] != "dynamic", "weight_rounding"].notna().all()
