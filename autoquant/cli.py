@@ -7,9 +7,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 
 from .errors import AutoQuantError, ConfigError
 from .formats import FORMATS
