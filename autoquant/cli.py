@@ -8,7 +8,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from .errors import AutoQuantError, ConfigError
 from .formats import FORMATS
 from .launch import calibration_from_path, load_callable
