@@ -111,7 +111,7 @@ def _cmd_export(args) -> int:
         raise ConfigError(f"--out {target} is a directory; name the file to write")
     if target.resolve() == model.resolve():
         raise ConfigError(f"--out {target} is the delivered model itself; name another file")
-    path = export(model, target, args.format)
+    path = export(model, target, args.format, tensorrt_version=args.tensorrt_version)
     print(path)
     return 0
 
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("output_dir")
     e.add_argument("--format", required=True, choices=list(FORMATS))
     e.add_argument("--out", default=None, help="file to write (default: next to quantized.onnx)")
+    e.add_argument("--tensorrt-version", default="8601",
+                   help="TensorRT release digits for the calibration cache header (default 8601 = 8.6.1)")
     e.set_defaults(func=_cmd_export)
 
     w = sub.add_parser("worker", help="join a study created by `autoquant optimize` and run its trials")

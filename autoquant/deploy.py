@@ -249,3 +249,38 @@ def write_deployment(model_path: Path, out_dir: Path, encodings_name: str) -> tu
 def is_dynamic(model_path: Path) -> bool:
     model = onnx.load(str(model_path), load_external_data=False)
     return any(n.op_type in DYNAMIC_OPS for n in model.graph.node)
+
+
+def rebuild_from_tensorrt_cache(float_path: Path, cache: Path, out: Path) -> Path:
+    """TensorRT's implicit int8 on the float model, emulated with ONNX Runtime's quantizer: the cache's activation
+    scales (symmetric int8) and each Conv / Gemm / MatMul weight whose input has a scale re-quantized as TensorRT
+    does it, symmetric int8 per output channel at max |w| / 127. A check of what the cache and the float model
+    give together, not TensorRT itself (its kernels and fusions are its own)."""
+    import json
+    import struct
+    import tempfile
+
+    from .build import weight_channel_axes
+    from .export import import_encodings
+
+    model = onnx.load(str(float_path))
+    scales = {}
+    for line in Path(cache).read_text().splitlines()[1:]:
+        name, hexed = line.split(": ")
+        scales[name] = struct.unpack(">f", bytes.fromhex(hexed))[0]
+    acts = [{"name": n, "dtype": "INT", "enc_type": "PER_TENSOR", "bw": 8, "is_sym": True, "scale": [s],
+             "offset": [-128]} for n, s in scales.items()]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    axes = weight_channel_axes(model)
+    params = []
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[0] in scales and n.input[1] in axes:
+            w, axis = inits[n.input[1]], axes[n.input[1]]
+            peak = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+            s = np.where(peak > 0, peak / np.float32(127), 1).astype(np.float32)
+            params.append({"name": n.input[1], "dtype": "INT", "enc_type": "PER_CHANNEL", "bw": 8, "is_sym": True,
+                           "scale": [float(v) for v in s], "offset": [-128] * len(s)})
+    with tempfile.TemporaryDirectory(prefix="autoquant-trt-") as tmp:
+        enc = Path(tmp, "cache-as-encodings.json")
+        enc.write_text(json.dumps({"version": "1.0.0", "activation_encodings": acts, "param_encodings": params}))
+        return import_encodings(float_path, enc, out)

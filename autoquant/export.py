@@ -62,9 +62,10 @@ from .qtypes import ONNX_INT_TYPES, quant_type
 #: the ONNX ops whose ncnn layers ncnn2int8 quantizes (Convolution / ConvolutionDepthWise, InnerProduct)
 NCNN_INT8_OPS = ("Conv", "Gemm")
 
-#: TensorRT 8.6.1's entropy-calibrator header. TensorRT checks the version digits and some releases
-#: refuse a cache made for another one: then edit the number to the local TensorRT's.
-TRT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
+#: TensorRT 8.6.1's entropy-calibrator header by default. TensorRT checks the version digits and some releases
+#: refuse a cache made for another one: export(tensorrt_version=...) / `--tensorrt-version` write another.
+TRT_VERSION = "8601"
+TRT_CACHE_HEADER = f"TRT-{TRT_VERSION}-EntropyCalibration2"
 
 _OUT_SUFFIX = "_QuantizeLinear_Input"  # ORT's new name for the producer output of a quantized graph output
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
@@ -72,12 +73,16 @@ _WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _WIDE = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16)  # Q/DQ need opset 21
 
 
-def export(model_path: str | Path, out_path: str | Path, fmt: str) -> Path:
+def export(model_path: str | Path, out_path: str | Path, fmt: str, *, tensorrt_version: str = TRT_VERSION) -> Path:
     """Write the quantization parameters of the QDQ model at ``model_path`` to ``out_path`` as ``fmt``, and the
     float model they refer to beside it (:func:`autoquant.deploy.float_model_path`: the delivered model's graph
     with its exact dequantized weights, see autoquant.deploy). Tensor names are that float model's. A model the
     format cannot represent (dynamic quantization; nothing the format holds; weights a runtime would requantize
-    to other integers) is refused with a ConfigError before anything is written."""
+    to other integers) is refused with a ConfigError before anything is written. ``tensorrt_version``: the digits
+    of the TensorRT release the cache is for (its header, e.g. 8601 for 8.6.1; some releases refuse another's)."""
+    if not (isinstance(tensorrt_version, str) and tensorrt_version.isdigit()):
+        raise ConfigError(f"tensorrt_version must be the release's digits (e.g. '8601' for 8.6.1), got "
+                          f"{tensorrt_version!r}")
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     qdq = _load(model_path)
@@ -92,7 +97,7 @@ def export(model_path: str | Path, out_path: str | Path, fmt: str) -> Path:
                   "aimet-2.0.0": lambda: v2_encodings(enc, __version__, weight_channel_axes(fg.model))}[fmt]
         text = json.dumps(layout(), indent=2)
     else:
-        text = tensorrt_cache(qdq, fg) if fmt == "tensorrt-cache" else ncnn_table(qdq)
+        text = tensorrt_cache(qdq, fg, tensorrt_version) if fmt == "tensorrt-cache" else ncnn_table(qdq)
     save_float_model(fg, float_path)
     return atomic_write(out, lambda tmp: Path(tmp).write_text(text))
 
@@ -165,7 +170,7 @@ def _trt_requantizes_differently(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
-def tensorrt_cache(model: onnx.ModelProto, fg=None) -> str:
+def tensorrt_cache(model: onnx.ModelProto, fg=None, version: str = TRT_VERSION) -> str:
     """TensorRT calibration cache: the header line, then ``<tensor>: <scale as big-endian float32 hex>``.
 
     Checked against onnxruntime's TensorRT EP reader ``ReadDynamicRange`` ("tensor name : scale in
@@ -194,7 +199,7 @@ def tensorrt_cache(model: onnx.ModelProto, fg=None) -> str:
             f"({_listing(requant)}): it takes max |w| / 127 per output channel, and these weights are not "
             f"symmetric per-channel int8 with +-127 in every channel. Deploy the QDQ model (explicit "
             f"quantization), or search weight_granularity: per_channel, weight_symmetric: true, weight_bits: 8")
-    lines = [TRT_CACHE_HEADER]
+    lines = [f"TRT-{version}-EntropyCalibration2"]
     lines += [f"{e['name']}: {struct.pack('>f', e['scale'][0]).hex()}" for e in acts]
     return "\n".join(lines) + "\n"
 

@@ -12,7 +12,7 @@ import pytest
 
 from autoquant import optimize
 from autoquant.cli import main
-from autoquant.deploy import float_graph, float_model_path, max_abs_diff
+from autoquant.deploy import float_graph, float_model_path, max_abs_diff, rebuild_from_tensorrt_cache
 from autoquant.errors import ConfigError
 from autoquant.export import FORMATS, export, import_encodings
 
@@ -27,6 +27,8 @@ CASES = {
     "weight-only": {"mode": "weight_only"},
     "dynamic": {"mode": "dynamic"},
     "sym-acts-per-tensor-weights": {"activation_symmetric": True, "weight_granularity": "per_tensor"},
+    "tensorrt-style": {"activation_symmetric": True, "weight_granularity": "per_channel", "weight_symmetric": True,
+                       "quantize_ops": "compute"},
 }
 
 
@@ -195,3 +197,35 @@ def test_aimet_2_0_0_entries_are_quantize_linear_inputs(delivered):
     assert w["output_dtype"] == "int8" and w["axis"] == 0
     assert np.array_equal(np.asarray(w["y_scale"], np.float32), inits["conv1.w_scale"].reshape(-1))
     assert not any(w["y_zero_point"])
+
+
+def test_tensorrt_requantizes_the_exported_weights_to_the_delivered_integers(delivered, demo, tmp_path):
+    """TensorRT's implicit int8 (emulated: the cache's activation scales, weights at max |w| / 127 per output
+    channel of the float model) lands on the delivered model's weight integers, so the two models agree."""
+    r = delivered["tensorrt-style"]
+    cache = export(r.model_path, tmp_path / "calib.cache", "tensorrt-cache", tensorrt_version="10300")
+    assert cache.read_text().splitlines()[0] == "TRT-10300-EntropyCalibration2"
+    rebuilt = rebuild_from_tensorrt_cache(float_model_path(cache), cache, tmp_path / "trt.onnx")
+    ints = {}
+    for path in (r.model_path, rebuilt):
+        m = onnx.load(str(path))
+        ints[str(path)] = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer
+                           if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8}
+    want, got = ints[str(r.model_path)], ints[str(rebuilt)]
+    assert want and want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    feeds = list(demo.calibration_data())[:3]
+    scale = max(float(np.abs(y).max()) for y in onnx_outputs(r.model_path, feeds))
+    assert max_abs_diff(r.model_path, rebuilt, feeds) <= 1e-5 * scale  # weight scales recomputed: ulp-level
+
+
+def onnx_outputs(path, feeds):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [y for f in feeds for y in sess.run(None, f)]
+
+
+def test_export_refuses_a_bad_tensorrt_version(delivered, tmp_path):
+    with pytest.raises(ConfigError, match="tensorrt_version"):
+        export(delivered["tensorrt-style"].model_path, tmp_path / "c.cache", "tensorrt-cache", tensorrt_version="8.6")
+    assert not (tmp_path / "c.cache").exists()
