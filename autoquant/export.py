@@ -50,7 +50,6 @@ from .deploy import (
     deployment,
     float_model_path,
     refuse_dynamic,
-    rename_encodings,
     save_float_model,
 )
 from . import __version__
@@ -97,7 +96,7 @@ def export(model_path: str | Path, out_path: str | Path, fmt: str, *, tensorrt_v
                   "aimet-2.0.0": lambda: v2_encodings(enc, __version__, weight_channel_axes(fg.model))}[fmt]
         text = json.dumps(layout(), indent=2)
     else:
-        text = tensorrt_cache(qdq, fg, tensorrt_version) if fmt == "tensorrt-cache" else ncnn_table(qdq)
+        text = tensorrt_cache(qdq, enc, tensorrt_version) if fmt == "tensorrt-cache" else ncnn_table(qdq)
     save_float_model(fg, float_path)
     return atomic_write(out, lambda tmp: Path(tmp).write_text(text))
 
@@ -170,7 +169,7 @@ def _trt_requantizes_differently(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
-def tensorrt_cache(model: onnx.ModelProto, fg=None, version: str = TRT_VERSION) -> str:
+def tensorrt_cache(model: onnx.ModelProto, enc: dict | None = None, version: str = TRT_VERSION) -> str:
     """TensorRT calibration cache: the header line, then ``<tensor>: <scale as big-endian float32 hex>``.
 
     Checked against onnxruntime's TensorRT EP reader ``ReadDynamicRange`` ("tensor name : scale in
@@ -180,9 +179,8 @@ def tensorrt_cache(model: onnx.ModelProto, fg=None, version: str = TRT_VERSION) 
     and TensorRT picks weight scales itself. Only symmetric int8 activations are representable: other
     encodings are refused rather than re-ranged to max(|min|, |max|) / 127, which would change them.
     """
-    fg, enc = deployment(model) if fg is None else (fg, None)
-    acts = [e for e in (enc or rename_encodings(encodings_from_model(model), fg.renamed))["activation_encodings"]
-            if e["dtype"] == "INT"]
+    enc = deployment(model)[1] if enc is None else enc  # the float model's names (export passes its own)
+    acts = [e for e in enc["activation_encodings"] if e["dtype"] == "INT"]
     if not acts:
         raise ConfigError("model quantizes no activation (weight-only): a TensorRT calibration cache would be "
                           "empty; deploy the QDQ model, or search static mode")
